@@ -1,0 +1,65 @@
+"""``smash-run``: load an artifact and write one image, or fill the compile cache."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import SmashError
+from .logs import quiet_third_party_logs
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("artifact")
+@click.option("--prompt", default="a photo of a red cube on a wooden table", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps (default: the pipeline's).")
+@click.option("--height", type=click.IntRange(16, 4096), default=None)
+@click.option("--width", type=click.IntRange(16, 4096), default=None)
+@click.option("--guidance-scale", type=float, default=None)
+@click.option("--negative-prompt", default=None)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("out.png"), show_default=True)
+@click.option("--device", default=None, help="cuda, cpu, cuda:1 ... (default: CUDA when available).")
+@click.option("--no-cacher", is_flag=True, help="Do not apply the recorded cacher.")
+@click.option("--no-compile", is_flag=True, help="Do not apply the recorded compiler.")
+@click.option("--verify", type=click.Choice(["full", "fast", "off"]), default="full", show_default=True)
+@click.option("--compile-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Compile cache folder (default: $SMASH_COMPILE_CACHE).")
+@click.option("--precompile", is_flag=True, help="Compile and run the recorded warm-up shapes to fill the compile cache, then exit.")
+@click.option("--timings", is_flag=True, help="Print the load phase timings as JSON on stderr.")
+def main(artifact, prompt, seed, steps, height, width, guidance_scale, negative_prompt, output, device,
+         no_cacher, no_compile, verify, compile_cache, precompile, timings):
+    """Generate an image with the smash-build ARTIFACT (a folder or ORG/NAME[@REVISION] on the Hub).
+
+    \b
+    Examples:
+      smash-run dist/tiny-flux --prompt "a red cube" --seed 0 --steps 4 --output cube.png
+      smash-run dist/flux-dev-fast --precompile --compile-cache /cache
+    """
+    quiet_third_party_logs()
+    from .images import encode_png, generate
+    from .loader import load
+
+    try:
+        pipe = load(artifact, device=device, verify=verify, cacher=not no_cacher, compiler=not no_compile,
+                    warmup=precompile, compile_cache=compile_cache, progress=True)
+        if precompile:
+            click.echo(f"compile cache filled for {artifact}", err=True)
+        else:
+            image = generate(pipe, prompt, seed=seed, steps=steps, height=height, width=width,
+                             guidance_scale=guidance_scale, negative_prompt=negative_prompt)[0]
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_bytes(encode_png(image))
+            click.echo(f"wrote {output} ({image.width}x{image.height})", err=True)
+    except (SmashError, ValueError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2 if isinstance(exc, ValueError) else 1)
+    if timings:
+        click.echo(json.dumps(pipe.smash.timings, sort_keys=True), err=True)
+
+
+if __name__ == "__main__":
+    main()
