@@ -4,26 +4,41 @@
     >>> from smash_build.builder import build
     >>> result = build(load_manifest("manifests/tiny-flux.toml"))
     >>> result.artifact.path, result.artifact.size
+
+Two paths write the same bytes: the in-memory build holds the whole pipeline (and returns
+it, so callers can compare images); the streaming build (``[build] streaming``, or
+automatic for components too large for memory) holds one block at a time.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from smash_runtime.errors import SettingsError
+from smash_runtime.structure import WEIGHTS_FILE, fuse_qkv, resolve_class
 
-from .exporters.artifact import ArtifactInfo, write_artifact
+from .exporters.artifact import (
+    DEFAULT_MAX_SHARD_BYTES,
+    ArtifactInfo,
+    ComponentWriter,
+    in_memory_writers,
+    write_artifact,
+    write_component,
+)
 from .manifest import Manifest
 from .model_card import render_model_card
-from .sources import Source, denoiser_name, load_source
+from .sources import DTYPES, SourceRef, denoiser_name, load_pipeline, materialize_builtin, resolve_source
+from .streaming import component_nbytes, should_stream, stream_component
 from .transforms import QuantizationReport, quantize
-from smash_runtime.structure import fuse_qkv
 
 _VERSIONED = ("torch", "diffusers", "transformers", "torchao", "safetensors", "smash-build", "smash-runtime")
 
@@ -39,12 +54,14 @@ class ComponentChange:
 
 @dataclass
 class BuildResult:
-    """The artifact written and the in-memory pipeline it was written from."""
+    """The artifact written, and the in-memory pipeline it was written from (None when streamed)."""
 
     artifact: ArtifactInfo
     pipeline: Any
-    source: Source
+    source: SourceRef
     changes: list[ComponentChange] = field(default_factory=list)
+    streamed: bool = False
+    peak_rss_bytes: int = 0
 
 
 def library_versions() -> dict[str, str]:
@@ -61,96 +78,184 @@ def _param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def target_components(pipeline, requested: tuple[str, ...] | None) -> list[str]:
-    if not requested:
-        return [denoiser_name(pipeline)]
-    modules = {n for n, c in pipeline.components.items() if isinstance(c, torch.nn.Module)}
+def _check_targets(requested: list[str], available: list[str]) -> None:
     for name in requested:
-        if name not in modules:
-            raise SettingsError("model.components", name, f"a model component of this pipeline: {sorted(modules)}")
-    return list(requested)
+        if name not in available:
+            raise SettingsError("model.components", name, f"a model component of this pipeline: {sorted(available)}")
 
 
-def check_runtime_settings(manifest: Manifest, pipeline) -> None:
+def check_runtime_settings(manifest: Manifest, component_names) -> None:
     """The cacher x pipeline family x compiler table, once the pipeline's family is known."""
     cacher = manifest.runtime.cacher
     if not cacher:
         return
-    from smash_runtime.cachers import cacher_config_from_dict, check_cacher_compatibility, pipeline_family
+    from smash_runtime.cachers import cacher_config_from_dict, check_cacher_compatibility
 
+    family = "dit" if "transformer" in component_names else "unet"
     try:
-        check_cacher_compatibility(cacher_config_from_dict(cacher), pipeline_family(pipeline), manifest.runtime.compiler)
+        check_cacher_compatibility(cacher_config_from_dict(cacher), family, manifest.runtime.compiler)
     except SettingsError as exc:
         raise exc.with_prefix("runtime.cacher") from None
+
+
+def _record(manifest: Manifest, target: Path, source: SourceRef, names: list[str], changes: list[ComponentChange]) -> dict:
+    b = manifest.build
+    return {
+        "name": target.name,
+        "source": source.record(),
+        "dtype": manifest.model.dtype,
+        "transforms": {
+            "order": ["fuse_qkv", "quantize"],
+            "components": names,
+            "fuse_qkv": bool(b.fuse_qkv),
+            "quantize": (
+                {
+                    "method": b.quantize.method,
+                    "exclude": list(b.quantize.exclude),
+                    "modules": {c.name: c.quantization.record() for c in changes if c.quantization},
+                }
+                if b.quantize
+                else None
+            ),
+        },
+        "runtime": {"cacher": manifest.runtime.cacher, "compiler": manifest.runtime.compiler, "warmup": manifest.runtime.warmup},
+        "versions": library_versions(),
+    }
 
 
 def build(
     manifest: Manifest,
     out_dir: str | Path | None = None,
     step: Callable[[str], None] = lambda message: None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> BuildResult:
     """Load the source, fuse then quantize the chosen components, write the artifact.
 
     Nothing is written unless every transform succeeded; the folder appears whole or not at all.
-    ``step`` receives a line for each phase (the CLI turns them into progress output).
+    ``step`` receives a line for each phase; ``progress(done, total, unit)`` reports the blocks
+    of a streamed component.
     """
     target = Path(out_dir) if out_dir else manifest.output.dir
     spec = manifest.model
+    step(f"resolving {spec.source}")
+    source = resolve_source(spec.source, spec.revision, manifest.path.parent if manifest.path else None)
+    forced = manifest.build.streaming
+    if source.folder is None and forced:
+        source = materialize_builtin(source, spec.dtype)
+    if source.folder is not None and _wants_streaming(source, forced):
+        return _build_streaming(manifest, source, target, step, max_shard_bytes, progress)
+    return _build_in_memory(manifest, source, target, step, max_shard_bytes)
+
+
+def _wants_streaming(source: SourceRef, forced: bool | None) -> bool:
+    index = json.loads((source.folder / "model_index.json").read_text())
+    sizes = [component_nbytes(source.folder / name, entry[0]) for name, entry in index.items()
+             if isinstance(entry, list) and entry[0] in WEIGHTS_FILE]
+    return should_stream(max(sizes, default=0), forced)
+
+
+def _build_in_memory(manifest, source, target, step, max_shard_bytes) -> BuildResult:
+    spec, b = manifest.model, manifest.build
     step(f"loading {spec.source}")
-    source = load_source(spec.source, spec.revision, spec.dtype, manifest.path.parent if manifest.path else None)
-    pipe = source.pipeline
-    check_runtime_settings(manifest, pipe)
-    names = target_components(pipe, spec.components)
+    pipe = load_pipeline(source, spec.dtype)
+    names = list(spec.components or [denoiser_name(pipe)])
+    _check_targets(names, [n for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)])
+    check_runtime_settings(manifest, pipe.components)
 
     changes, extras = [], {}
-    build_spec = manifest.build
     for name in names:
         module = getattr(pipe, name)
         change = ComponentChange(name, _param_bytes(module))
         extras[name] = {}
-        if build_spec.fuse_qkv:
+        if b.fuse_qkv:
             step(f"fusing QKV projections of {name}")
             if not hasattr(module, "fuse_qkv_projections"):
                 raise SettingsError("build.fuse_qkv", True, f"{type(module).__name__} ({name}) has no QKV fusion; set it to false")
             change.fused_modules = fuse_qkv(module)
             extras[name]["fused_qkv"] = True
-        if build_spec.quantize:
-            q = build_spec.quantize
-            step(f"quantizing {name} with {q.method}")
-            change.quantization = quantize(module, q.method, q.exclude_globs)
-            extras[name]["quantization"] = {"method": q.method}
+        if b.quantize:
+            step(f"quantizing {name} with {b.quantize.method}")
+            change.quantization = quantize(module, b.quantize.method, b.quantize.exclude_globs)
+            extras[name]["quantization"] = {"method": b.quantize.method}
         changes.append(change)
 
-    record = {
-        "name": target.name,
-        "source": source.record(),
-        "dtype": spec.dtype,
-        "transforms": {
-            "order": ["fuse_qkv", "quantize"],
-            "components": names,
-            "fuse_qkv": bool(build_spec.fuse_qkv),
-            "quantize": (
-                {
-                    "method": build_spec.quantize.method,
-                    "exclude": list(build_spec.quantize.exclude),
-                    "modules": {c.name: c.quantization.record() for c in changes if c.quantization},
-                }
-                if build_spec.quantize
-                else None
-            ),
-        },
-        "runtime": {
-            "cacher": manifest.runtime.cacher,
-            "compiler": manifest.runtime.compiler,
-            "warmup": manifest.runtime.warmup,
-        },
-        "versions": library_versions(),
-    }
     step(f"writing artifact to {target}")
     artifact = write_artifact(
-        pipe, target, record, component_extras=extras, model_card=render_model_card,
-        on_component=lambda n: step(f"writing {n}"),
+        target, _record(manifest, target, source, names, changes), type(pipe).__name__, dict(pipe.config),
+        in_memory_writers(pipe, extras, max_shard_bytes),
+        model_card=render_model_card, on_component=lambda n: step(f"writing {n}"),
     )
     for change in changes:
         change.bytes_after = artifact.component_size(change.name)
-    return BuildResult(artifact, pipe, source, changes)
+    return BuildResult(artifact, pipe, source, changes, peak_rss_bytes=_peak_rss())
+
+
+def _build_streaming(manifest, source, target, step, max_shard_bytes, progress) -> BuildResult:
+    spec, b = manifest.model, manifest.build
+    index = json.loads((source.folder / "model_index.json").read_text())
+    entries = {n: e for n, e in index.items() if isinstance(e, list) and e[0] is not None}
+    models = [n for n, (lib, cls) in entries.items() if lib in WEIGHTS_FILE and issubclass(resolve_class(lib, cls), torch.nn.Module)]
+    denoiser = "transformer" if "transformer" in models else "unet"
+    names = list(spec.components or [denoiser])
+    _check_targets(names, models)
+    check_runtime_settings(manifest, entries)
+    if b.fuse_qkv:
+        for name in names:
+            if not hasattr(resolve_class(*entries[name]), "fuse_qkv_projections"):
+                raise SettingsError("build.fuse_qkv", True, f"{entries[name][1]} ({name}) has no QKV fusion; set it to false")
+    dtype = DTYPES[spec.dtype]
+    changes: dict[str, ComponentChange] = {}
+
+    def model_writer(name: str) -> ComponentWriter:
+        transformed = name in names
+
+        def write(folder: Path) -> dict[str, Any]:
+            lib, cls = entries[name]
+            step(f"streaming {name}" + (" (fuse + quantize)" if transformed else " (copy)"))
+            record, report, fused, before = stream_component(
+                source.folder / name, folder, {"library": lib, "class": cls}, dtype, max_shard_bytes,
+                fuse=transformed and b.fuse_qkv,
+                quantize_method=b.quantize.method if (transformed and b.quantize) else None,
+                exclude_globs=b.quantize.exclude_globs if b.quantize else (),
+                progress=progress or (lambda done, total, unit: None),
+            )
+            if transformed:
+                changes[name] = ComponentChange(name, before, fused_modules=fused, quantization=report)
+            return record
+
+        return write
+
+    def plain_writer(name: str) -> ComponentWriter:
+        def write(folder: Path) -> dict[str, Any]:
+            from .exporters.artifact import component_record
+
+            obj = resolve_class(*entries[name]).from_pretrained(source.folder / name)
+            write_component(obj, folder)
+            return component_record(obj)
+
+        return write
+
+    writers = {n: (model_writer(n) if n in models else plain_writer(n)) for n in sorted(entries)}
+    artifact = write_artifact(
+        target, _record(manifest, target, source, names, []), index["_class_name"], index, writers,
+        model_card=render_model_card, finalize=lambda full: _add_reports(full, changes, b),
+    )
+    for change in changes.values():
+        change.bytes_after = artifact.component_size(change.name)
+    if source.builtin:
+        shutil.rmtree(source.folder, ignore_errors=True)
+    return BuildResult(artifact, None, source, list(changes.values()), streamed=True, peak_rss_bytes=_peak_rss())
+
+
+def _add_reports(full: dict, changes: dict[str, ComponentChange], b) -> None:
+    if b.quantize:
+        full["transforms"]["quantize"]["modules"] = {
+            name: c.quantization.record() for name, c in sorted(changes.items()) if c.quantization
+        }
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,7 +1,12 @@
-"""Load the source pipeline a manifest names: a built-in tiny model, a local folder or a Hub id."""
+"""The source pipeline a manifest names: a built-in tiny model, a local folder or a Hub id.
+
+    >>> ref = resolve_source("black-forest-labs/FLUX.1-dev", "main")   # downloads the snapshot
+    >>> pipe = load_pipeline(ref, "bfloat16")
+"""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +18,8 @@ from .tiny_models import TINY_MODELS, build_tiny
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUILTIN_PREFIX = "builtin:"
+# What a diffusers pipeline folder needs; never the .bin/.ckpt duplicates some repos carry.
+SNAPSHOT_PATTERNS = ["model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model", "README.md"]
 
 
 class SourceError(SmashError):
@@ -20,14 +27,18 @@ class SourceError(SmashError):
 
 
 @dataclass
-class Source:
-    """A loaded source pipeline and where it came from (recorded in smash.json)."""
+class SourceRef:
+    """Where the source is (recorded in smash.json) and, once on disk, its folder."""
 
-    pipeline: object
     id: str
-    revision: str | None
-    commit: str | None
-    license: str | None
+    revision: str | None = None
+    commit: str | None = None
+    license: str | None = None
+    folder: Path | None = None
+
+    @property
+    def builtin(self) -> str | None:
+        return self.id[len(BUILTIN_PREFIX):] if self.id.startswith(BUILTIN_PREFIX) else None
 
     def record(self) -> dict:
         return {"id": self.id, "revision": self.revision, "commit": self.commit, "license": self.license}
@@ -41,33 +52,46 @@ def denoiser_name(pipeline) -> str:
     raise SourceError(f"{type(pipeline).__name__} has neither a transformer nor a unet to transform")
 
 
-def load_source(source: str, revision: str | None, dtype: str, base_dir: Path | None = None) -> Source:
-    """Load ``source`` in ``dtype`` on the CPU, every module in eval mode.
-
-    ``source`` is ``builtin:tiny-flux`` / ``builtin:tiny-sdxl``, a diffusers pipeline folder
-    (relative to ``base_dir``), or a Hub repo id whose ``revision`` is resolved to a commit sha.
-    """
-    torch_dtype = DTYPES[dtype]
+def resolve_source(source: str, revision: str | None, base_dir: Path | None = None) -> SourceRef:
+    """Find the source: built-ins need nothing, folders must hold model_index.json, Hub ids
+    are resolved to a commit sha and downloaded (only the files a diffusers pipeline needs)."""
     if source.startswith(BUILTIN_PREFIX):
-        name = source[len(BUILTIN_PREFIX):]
-        if name not in TINY_MODELS:
+        if source[len(BUILTIN_PREFIX):] not in TINY_MODELS:
             raise SourceError(f"model.source = {source!r}: unknown built-in; choose one of {sorted(TINY_MODELS)}")
-        return Source(build_tiny(name, seed=0, dtype=torch_dtype), source, None, None, "apache-2.0")
-
-    from diffusers import DiffusionPipeline
-
+        return SourceRef(source, license="apache-2.0")
     folder = Path(source).expanduser()
     if not folder.is_absolute() and base_dir is not None:
         folder = base_dir / folder
     if folder.is_dir():
         if not (folder / "model_index.json").is_file():
             raise SourceError(f"model.source = {source!r}: {folder} has no model_index.json (not a diffusers pipeline folder)")
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
-        return Source(_eval(pipe), str(folder), None, None, None)
-
+        return SourceRef(str(folder), folder=folder)
     commit, license_ = _resolve_hub_revision(source, revision or "main")
-    pipe = DiffusionPipeline.from_pretrained(source, revision=commit, torch_dtype=torch_dtype, use_safetensors=True)
-    return Source(_eval(pipe), source, revision or "main", commit, license_)
+    from huggingface_hub import snapshot_download
+
+    snapshot = Path(snapshot_download(source, revision=commit, allow_patterns=SNAPSHOT_PATTERNS))
+    return SourceRef(source, revision or "main", commit, license_, snapshot)
+
+
+def materialize_builtin(ref: SourceRef, dtype: str) -> SourceRef:
+    """Write a built-in model to a temporary folder, for the paths that read source files."""
+    folder = Path(tempfile.mkdtemp(prefix=f"smash-{ref.builtin}-"))
+    build_tiny(ref.builtin, seed=0, dtype=DTYPES[dtype]).save_pretrained(folder)
+    return SourceRef(ref.id, ref.revision, ref.commit, ref.license, folder)
+
+
+def load_pipeline(ref: SourceRef, dtype: str):
+    """The whole source pipeline in memory on the CPU, every module in eval mode."""
+    torch_dtype = DTYPES[dtype]
+    if ref.builtin and ref.folder is None:
+        return build_tiny(ref.builtin, seed=0, dtype=torch_dtype)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(ref.folder, torch_dtype=torch_dtype, use_safetensors=True)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval().requires_grad_(False)
+    return pipe
 
 
 def _resolve_hub_revision(repo_id: str, revision: str) -> tuple[str, str | None]:
@@ -85,13 +109,9 @@ def _resolve_hub_revision(repo_id: str, revision: str) -> tuple[str, str | None]
     except RevisionNotFoundError as exc:
         raise SourceError(f"{repo_id}: revision {revision!r} does not exist") from exc
     except Exception as exc:  # network failures: say what to do rather than dump a traceback
-        raise SourceError(f"{repo_id}: cannot reach the Hub ({type(exc).__name__}: {exc}); check the network or HF_ENDPOINT") from exc
+        raise SourceError(
+            f"{repo_id}: cannot reach the Hub ({type(exc).__name__}); check the network, HF_ENDPOINT, "
+            "or use a local folder as model.source"
+        ) from exc
     card = info.card_data.to_dict() if getattr(info, "card_data", None) else {}
     return info.sha, card.get("license")
-
-
-def _eval(pipe):
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval().requires_grad_(False)
-    return pipe

@@ -64,21 +64,31 @@ class QuantizationReport:
     excluded: list[str] = field(default_factory=list)
 
     def record(self) -> dict:
-        return {"method": self.method, "exclude": list(self.exclude), "quantized": self.quantized, "excluded": self.excluded}
+        return {"method": self.method, "exclude": list(self.exclude),
+                "quantized": sorted(self.quantized), "excluded": sorted(self.excluded)}
 
 
-def quantize(model: nn.Module, method: str, exclude_globs: tuple[str, ...] = ()) -> QuantizationReport:
-    """Quantize every ``nn.Linear`` of ``model`` whose name matches none of ``exclude_globs``."""
+def quantize(model: nn.Module, method: str, exclude_globs: tuple[str, ...] = (), prefix: str = "",
+             report: QuantizationReport | None = None) -> QuantizationReport:
+    """Quantize every ``nn.Linear`` of ``model`` whose name matches none of ``exclude_globs``.
+
+    ``prefix`` is ``model``'s name inside its component when ``model`` is one block of it
+    (the streaming build), so globs match full names; ``report`` accumulates across blocks.
+    """
     from torchao.quantization import quantize_
 
     if method not in QUANT_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; choose one of {QUANT_METHODS}")
     _require_device(method, model)
-    report = QuantizationReport(method, tuple(exclude_globs))
+    report = report or QuantizationReport(method, tuple(exclude_globs))
+    chosen = set()
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            excluded = any(fnmatch.fnmatchcase(name, glob) for glob in exclude_globs)
-            (report.excluded if excluded else report.quantized).append(name)
-    chosen = set(report.quantized)
-    quantize_(model, quantization_config(method), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in chosen)
+            full = prefix + name if name else prefix.rstrip(".")
+            excluded = any(fnmatch.fnmatchcase(full, glob) for glob in exclude_globs)
+            (report.excluded if excluded else report.quantized).append(full)
+            if not excluded:
+                chosen.add(name)
+    if chosen:
+        quantize_(model, quantization_config(method), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in chosen)
     return report

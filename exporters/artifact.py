@@ -7,6 +7,7 @@ place. A killed build leaves only a ``.partial`` folder, which the next build re
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -17,10 +18,11 @@ from typing import Any
 import torch
 
 from smash_runtime.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, dumps_manifest, file_table
-from smash_runtime.structure import WEIGHTS_FILE
-from smash_runtime.tensors import save_state_dict
+from smash_runtime.structure import WEIGHTS_FILE, module_units, split_into_units
+from smash_runtime.tensors import ShardWriter, split_aliases
 
 PARTIAL_MARK = ".partial-"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
 @dataclass
@@ -55,17 +57,32 @@ def component_record(obj: object) -> dict[str, Any]:
     return {"library": library, "class": type(obj).__name__, "kind": kind}
 
 
-def write_component(obj: object, folder: Path) -> None:
+def write_config(obj: object, folder: Path) -> None:
+    """config.json of a model component (diffusers or transformers)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if isinstance(obj, torch.nn.Module):
-        library = library_of(obj)
-        if library == "diffusers":
-            obj.save_config(folder)
-        else:
-            obj.config.save_pretrained(folder)
-        save_state_dict(obj.state_dict(), folder / WEIGHTS_FILE[library])
+    if library_of(obj) == "diffusers":
+        obj.save_config(folder)
+        # diffusers records the folder the model was loaded from: an artifact must not
+        # depend on where its source happened to sit.
+        path = folder / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config.pop("_name_or_path", None)
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     else:
-        obj.save_pretrained(folder)
+        obj.config.save_pretrained(folder)
+
+
+def write_component(obj: object, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if not isinstance(obj, torch.nn.Module):
+        obj.save_pretrained(folder)  # tokenizers and schedulers: small text files
+        return
+    write_config(obj, folder)
+    unique, aliases = split_aliases(obj.state_dict())
+    writer = ShardWriter(folder, WEIGHTS_FILE[library_of(obj)], max_shard_bytes, aliases)
+    for unit in split_into_units(unique, module_units(obj)):
+        writer.add_unit(unit)
+    writer.close()
 
 
 def _remove_stale_partials(target: Path) -> None:
@@ -73,20 +90,53 @@ def _remove_stale_partials(target: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def model_index_json(pipeline_class: str, config: dict[str, Any]) -> str:
+    """model_index.json as DiffusionPipeline.from_pretrained reads it, in one canonical form."""
+    import diffusers
+
+    body = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
+    body.update({"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__})
+    return json.dumps(body, indent=2, sort_keys=True) + "\n"
+
+
+# Writes one component's folder and returns how the runtime rebuilds it (library, class, kind, ...).
+ComponentWriter = Callable[[Path], dict[str, Any]]
+
+
+def in_memory_writers(pipeline, component_extras: dict[str, dict[str, Any]] | None = None,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict[str, ComponentWriter]:
+    """Writers for every component of a pipeline held in memory."""
+    extras = component_extras or {}
+
+    def writer(name: str, obj: object) -> ComponentWriter:
+        def write(folder: Path) -> dict[str, Any]:
+            write_component(obj, folder, max_shard_bytes)
+            return {**component_record(obj), **extras.get(name, {})}
+
+        return write
+
+    return {name: writer(name, obj) for name, obj in sorted(pipeline.components.items()) if obj is not None}
+
+
 def write_artifact(
-    pipeline,
     target: str | os.PathLike,
     manifest: dict[str, Any],
-    component_extras: dict[str, dict[str, Any]] | None = None,
+    pipeline_class: str,
+    pipeline_config: dict[str, Any],
+    writers: dict[str, ComponentWriter],
     model_card: Callable[[dict[str, Any]], str] | None = None,
     on_component: Callable[[str], None] | None = None,
+    finalize: Callable[[dict[str, Any]], None] | None = None,
 ) -> ArtifactInfo:
-    """Write ``pipeline`` to ``target`` with ``smash.json`` built from ``manifest``.
+    """Write an artifact to ``target`` with ``smash.json`` built from ``manifest``.
 
     ``manifest`` holds the build's own keys (source, transforms, runtime, versions, ...);
     format, pipeline class, components and the file table are filled in here.
-    ``component_extras`` adds per-component keys (``fused_qkv``, ``quantization``).
+    ``writers`` write each component's folder (see :func:`in_memory_writers`);
+    ``pipeline_config`` is the pipeline's config (component entries and options).
     ``model_card`` renders README.md from the finished manifest (files excepted).
+    ``finalize`` may complete the manifest once every component is written (the streaming
+    build learns what it quantized only then).
     """
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -95,21 +145,20 @@ def write_artifact(
     partial.mkdir()
     try:
         components = {}
-        for name, obj in sorted(pipeline.components.items()):
-            if obj is None:
-                continue
+        for name, write in sorted(writers.items()):
             if on_component:
                 on_component(name)
-            write_component(obj, partial / name)
-            components[name] = {**component_record(obj), **(component_extras or {}).get(name, {})}
-        pipeline.save_config(partial)  # model_index.json, read by DiffusionPipeline.from_pretrained too
+            components[name] = write(partial / name)
+        (partial / "model_index.json").write_text(model_index_json(pipeline_class, pipeline_config), encoding="utf-8")
         full = {
             **manifest,
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
-            "pipeline_class": type(pipeline).__name__,
+            "pipeline_class": pipeline_class,
             "components": components,
         }
+        if finalize is not None:
+            finalize(full)
         if model_card is not None:
             (partial / "README.md").write_text(model_card(full), encoding="utf-8")
         _normalize_permissions(partial)

@@ -15,7 +15,7 @@ import torch
 from .errors import ArtifactError, SettingsError, UnsupportedOnDevice
 from .format import MANIFEST_FILE, VerifyMode, read_manifest, verify_files
 from .structure import WEIGHTS_FILE, assign_weights, build_skeleton, resolve_class
-from .tensors import load_state_dict
+from .tensors import load_component_state_dict
 
 logger = logging.getLogger("smash_runtime")
 
@@ -107,10 +107,9 @@ def _load_component(root: Path, name: str, record: dict[str, Any], dtype: torch.
         return cls.from_pretrained(folder)
     with phase("rebuild"):
         model = build_skeleton(folder, record)
-    rel = f"{name}/{WEIGHTS_FILE[record['library']]}"
     with phase("read_weights"):
-        state_dict = load_state_dict(root / rel, rel=rel)
-    model = assign_weights(model, state_dict, rel)
+        state_dict = load_component_state_dict(folder, WEIGHTS_FILE[record["library"]], rel_folder=name)
+    model = assign_weights(model, state_dict, f"{name}/{WEIGHTS_FILE[record['library']]}")
     del state_dict
     if dtype is not None and not record.get("quantization"):
         model.to(dtype)
@@ -171,7 +170,7 @@ def load(
         for name, record in sorted(manifest["components"].items())
     }
     with phase("assemble"):
-        pipe = pipeline_cls(**components)
+        pipe = pipeline_cls(**components, **_pipeline_options(root, pipeline_cls, components))
     with phase("to_device"):
         pipe.to(device)
     pipe.set_progress_bar_config(disable=not progress)
@@ -202,6 +201,18 @@ def load(
             warm_up(pipe, warmup_config_from_dict(runtime.get("warmup") or {}), progress=progress)
     logger.info("loaded %s on %s: %s", root, device, json.dumps({k: round(v, 3) for k, v in timings.items()}))
     return pipe
+
+
+def _pipeline_options(root: Path, pipeline_cls: type, components: dict[str, Any]) -> dict[str, Any]:
+    """Non-component settings of the pipeline (e.g. SDXL's force_zeros_for_empty_prompt)."""
+    import inspect
+
+    config = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+    accepted = inspect.signature(pipeline_cls.__init__).parameters
+    return {
+        key: value for key, value in config.items()
+        if key in accepted and key not in components and not isinstance(value, list)
+    }
 
 
 def manifest_digest(root: str | os.PathLike) -> str:

@@ -33,10 +33,9 @@ def empty_weights() -> Iterator[None]:
     original = nn.Module.register_parameter
 
     def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None:
-            meta = nn.Parameter(module._parameters[name].to("meta"), requires_grad=param.requires_grad)
-            module._parameters[name] = meta
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)  # a parameter already on meta keeps its identity (tied weights)
 
     nn.Module.register_parameter = register_parameter
     try:
@@ -57,17 +56,35 @@ def fuse_qkv(model: nn.Module) -> int:
     """
     if not hasattr(model, "fuse_qkv_projections"):
         raise ValueError(f"{type(model).__name__} has no QKV fusion in diffusers")
-    model.fuse_qkv_projections()
+    model.fuse_qkv_projections()  # model-level: also installs the fused attention processors
+    return drop_unfused_projections(model)
+
+
+def fuse_qkv_within(module: nn.Module) -> int:
+    """Fuse the attention modules inside ``module`` (one block of a model) the way
+    ``fuse_qkv`` fuses them in the whole model: same weights, same parameter order."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    for sub in module.modules():
+        if isinstance(sub, AttentionModuleMixin) and sub._supports_qkv_fusion:
+            sub.fuse_projections()
+        elif isinstance(sub, Attention):
+            sub.fuse_projections(fuse=True)
+    return drop_unfused_projections(module)
+
+
+def drop_unfused_projections(module: nn.Module) -> int:
     fused = 0
-    for module in model.modules():
-        if not getattr(module, "fused_projections", False):
+    for sub in module.modules():
+        if not getattr(sub, "fused_projections", False):
             continue
         fused += 1
         for fused_name, parts in _UNFUSED.items():
-            if hasattr(module, fused_name):
+            if hasattr(sub, fused_name):
                 for part in parts:
-                    if part in module._modules:
-                        del module._modules[part]
+                    if part in sub._modules:
+                        del sub._modules[part]
     return fused
 
 
@@ -94,6 +111,10 @@ def build_skeleton(folder: Path, record: dict[str, Any]) -> nn.Module:
         else:
             config = cls.config_class.from_pretrained(folder)
             model = cls(config)
+    if hasattr(model, "tie_weights"):
+        # transformers ties embeddings when loading weights, not in __init__; tie now so
+        # that tied parameters are one object, as in a model loaded the usual way.
+        model.tie_weights()
     if record.get("fused_qkv"):
         fuse_qkv(model)
     return model
@@ -116,3 +137,46 @@ def assign_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], rel: s
     if still_meta:
         raise ArtifactError(f"{rel}: no stored weights for {still_meta[:3]}", file=rel)
     return model.eval().requires_grad_(False)
+
+
+def _has_module_list(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.ModuleList) for m in module.modules())
+
+
+def module_units(model: nn.Module) -> list[str]:
+    """The pieces a component is written and streamed in: each repeated block, and the rest.
+
+    Elements of ``nn.ModuleList`` (transformer blocks, UNet down/up blocks) are units; other
+    children are units unless they hold such lists deeper down, in which case they are split.
+    ``""`` stands for the root's own parameters and buffers.
+    """
+    units: list[str] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, nn.ModuleList):
+                units.extend(f"{path}.{i}" for i in range(len(child)))
+            elif _has_module_list(child):
+                visit(path + ".", child)
+            else:
+                units.append(path)
+
+    visit("", model)
+    return units + [""]
+
+
+def unit_of(name: str, units: list[str]) -> str:
+    """The unit a state-dict key belongs to (the longest unit that prefixes it)."""
+    best = ""
+    for unit in units:
+        if unit and name.startswith(unit + ".") and len(unit) > len(best):
+            best = unit
+    return best
+
+
+def split_into_units(state_dict: dict[str, torch.Tensor], units: list[str]) -> list[dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {u: {} for u in units}
+    for name, tensor in state_dict.items():
+        groups[unit_of(name, units)][name] = tensor
+    return [groups[u] for u in units if groups[u]]
