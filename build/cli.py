@@ -76,15 +76,34 @@ def build_cmd(manifest, out_dir):
 
     spec = _load_manifest(manifest)
     try:
-        with console.status("starting", spinner="dots") as status:
-            def step(message: str) -> None:
-                console.log(message)
-                status.update(message)
-
-            result = build(spec, out_dir=out_dir, step=step)
+        result = _run_build(spec, out_dir)
     except SmashError as exc:
         _fail(exc)
     _print_summary(result)
+
+
+def _run_build(spec, out_dir):
+    """Build with a log line per phase and a bar (with ETA) over the blocks of streamed components."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .builder import build
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bars:
+        tasks: dict[str, int] = {}
+        current = {"name": "build"}
+
+        def step(message: str) -> None:
+            console.log(message)
+            current["name"] = message
+
+        def progress(done: int, total: int, unit: str) -> None:
+            name = current["name"]
+            if name not in tasks:
+                tasks[name] = bars.add_task(name, total=total)
+            bars.update(tasks[name], completed=done, description=f"{name}: {unit}")
+
+        return build(spec, out_dir=out_dir, step=step, progress=progress)
 
 
 def _print_summary(result) -> None:
@@ -99,6 +118,8 @@ def _print_summary(result) -> None:
         )
     console.print(table)
     art = result.artifact
+    if result.streamed:
+        console.print(f"streamed build, peak RSS {_human(result.peak_rss_bytes)}")
     runtime = art.manifest.get("runtime", {})
     console.print(f"cacher (applied at load): {json.dumps(runtime.get('cacher'))}")
     console.print(f"compiler (applied at load): {json.dumps(runtime.get('compiler'))}")

@@ -49,23 +49,33 @@ class SourceTensors:
                 self.files = {name: folder / weights_name for name in f.keys()}
         else:
             raise ArtifactError(f"{folder}: no {weights_name} or {index.name}; streaming needs safetensors weights")
-        self._handles: dict[Path, Any] = {}
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in set(self.files.values()))
 
-    def get(self, names: list[str], dtype: torch.dtype) -> torch.Tensor:
-        """The first of ``names`` (a weight and its tied aliases) the files hold, as ``dtype``."""
-        for name in names:
-            path = self.files.get(name)
-            if path is not None:
-                if path not in self._handles:
-                    self._handles[path] = safe_open(str(path), "pt", device="cpu")
-                tensor = self._handles[path].get_tensor(name)
-                out = torch.empty(tensor.shape, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-                out.copy_(tensor)
-                return out
-        raise ArtifactError(f"source weights have none of {names}")
+    def read(self, wanted: dict[str, list[str]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """``{key: tensor}`` for ``wanted = {key: [name, *tied aliases]}``, as ``dtype``.
+
+        Each call maps the files it needs and unmaps them before returning: pages of a
+        memory map that stays open count as resident memory once read, so keeping the
+        maps open would let the whole source pile up in RSS.
+        """
+        located: dict[Path, list[tuple[str, str]]] = {}
+        for key, names in wanted.items():
+            name = next((n for n in names if n in self.files), None)
+            if name is None:
+                raise ArtifactError(f"source weights have none of {names}")
+            located.setdefault(self.files[name], []).append((key, name))
+        out = {}
+        for path, pairs in located.items():
+            with safe_open(str(path), "pt", device="cpu") as f:
+                for key, name in pairs:
+                    tensor = f.get_tensor(name)
+                    fresh = torch.empty(tensor.shape, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+                    fresh.copy_(tensor)
+                    out[key] = fresh
+                    del tensor
+        return out
 
 
 def component_nbytes(folder: Path, library: str) -> int:
@@ -130,7 +140,7 @@ def stream_component(
         progress(i, len(units), unit or "(root)")
         module = skeleton.get_submodule(unit) if unit else skeleton
         prefix = f"{unit}." if unit else ""
-        local = {n[len(prefix):]: source.get(groups.get(n, [n]), dtype) for n in names}
+        local = source.read({n[len(prefix):]: groups.get(n, [n]) for n in names}, dtype)
         bytes_before += sum(t.numel() * t.element_size() for t in local.values())
         module.load_state_dict(local, strict=False, assign=True)
         if fuse:

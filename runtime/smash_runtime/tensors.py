@@ -2,8 +2,9 @@
 
 Writing: torchao tensor subclasses are flattened with torchao's own
 ``flatten_tensor_state_dict``; tensors that share storage (tied embeddings) are stored once
-and recorded as aliases; the header is rewritten with sorted keys because safetensors
-emits its metadata in hash-map order.
+and recorded as aliases; files are written a unit (block) at a time with sorted headers
+(safetensors' own writer needs every tensor in memory at once and emits its metadata in
+hash-map order, so two saves of one model would differ).
 
 Reading: no pickle anywhere; every tensor is copied into fresh, aligned storage (tensors
 left in the memory map can give last-bit differences on CPU) one at a time, so the
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import ArtifactError
 
@@ -55,38 +57,72 @@ def split_aliases(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, tor
     return unique, aliases
 
 
-def _sort_header(path: Path) -> None:
-    """Rewrite the JSON header in place with sorted keys (same length, so offsets hold)."""
-    with open(path, "r+b") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-        if "__metadata__" in header:
-            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > length:
-            raise RuntimeError(f"{path}: sorted safetensors header grew ({len(text)} > {length} bytes)")
-        f.seek(8)
-        f.write(text + b" " * (length - len(text)))
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+}
 
 
 def _flatten(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Plain tensors for safetensors, plus torchao's metadata when there are quantized ones."""
-    metadata = {"format": "pt"}
+    metadata: dict[str, str] = {}
     if any(not _is_plain(t) for t in state_dict.values()):
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
         plain = {k: (t.data if isinstance(t, torch.nn.Parameter) else t) for k, t in state_dict.items()}
-        tensors, ao_meta = flatten_tensor_state_dict(plain)
-        metadata.update(ao_meta)
-        metadata[TORCHAO_KEY] = "1"
+        tensors, metadata = flatten_tensor_state_dict(plain)
     else:
         tensors = dict(state_dict)
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata
 
 
-def _write(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    save_file(tensors, str(path), metadata=metadata)
-    _sort_header(path)
+class _ShardFile:
+    """One safetensors file written tensor by tensor, never held in memory whole.
+
+    safetensors' own writer needs every tensor at once. This one appends each tensor's bytes
+    to a scratch file per element size and assembles header + data at the end, largest
+    elements first, so every tensor is aligned to its element size as safetensors does it.
+    The header has sorted keys and no time stamps: equal inputs give equal bytes.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.nbytes = 0
+        self._groups: dict[int, tuple[Path, Any, list]] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.element_size()
+        if size not in self._groups:
+            scratch = self.path.with_name(f"{self.path.name}.{size}.tmp")
+            self._groups[size] = (scratch, open(scratch, "wb"), [])
+        _, handle, entries = self._groups[size]
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        handle.write(memoryview(data))
+        entries.append((name, _SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape), data.nbytes))
+        self.nbytes += data.nbytes
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        header: dict[str, Any] = {}
+        offset = 0
+        order = sorted(self._groups, reverse=True)
+        for size in order:
+            for name, dtype, shape, nbytes in self._groups[size][2]:
+                header[name] = {"data_offsets": [offset, offset + nbytes], "dtype": dtype, "shape": shape}
+                offset += nbytes
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)
+        with open(self.path, "wb") as out:
+            out.write(struct.pack("<Q", len(text)))
+            out.write(text)
+            for size in order:
+                scratch, handle, _ = self._groups[size]
+                handle.close()
+                with open(scratch, "rb") as part:
+                    shutil.copyfileobj(part, out, 16 * 1024 * 1024)
+                scratch.unlink()
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -110,11 +146,12 @@ def index_name(weights_name: str) -> str:
 class ShardWriter:
     """Write a component's weights unit by unit (a transformer block at a time) into shards.
 
-    Units are appended in module order; a shard is closed when the next unit would push it
-    past ``max_shard_bytes``. The partition depends only on the units and the limit, so the
-    streaming build and the in-memory build write the same bytes. One shard is written as
-    ``weights_name`` itself; several get diffusers' ``-0000i-of-0000n`` names and an index.
-    Aliases (tied weights) are recorded in the first shard's metadata.
+    Units are appended in module order and go to disk at once, so memory holds one unit.
+    A shard is closed when the next unit would push it past ``max_shard_bytes``; the
+    partition depends only on the units and the limit, so the streaming build and the
+    in-memory build write the same bytes. One shard is written as ``weights_name`` itself;
+    several get diffusers' ``-0000i-of-0000n`` names and an index. Aliases (tied weights)
+    are recorded in the first shard's metadata.
     """
 
     def __init__(self, folder: str | os.PathLike, weights_name: str, max_shard_bytes: int,
@@ -124,34 +161,53 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self.aliases = dict(sorted((aliases or {}).items()))
         self.total_bytes = 0
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
+        self._current: _ShardFile | None = None
+        self._names: list[str] = []
+        self._metadata: dict[str, str] = {}
+        self._torchao_names: list[str] = []
+        self._has_torchao = False
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def add_unit(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        unit = {k: v for k, v in state_dict.items() if k not in self.aliases}
-        size = sum(_nbytes(t) for t in unit.values())
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending.update(unit)
-        self._pending_bytes += size
+        unit = {k: v for k, v in sorted(state_dict.items()) if k not in self.aliases}
+        tensors, ao_meta = _flatten(unit)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self._current is not None and self._current.nbytes and self._current.nbytes + size > self.max_shard_bytes:
+            self._close_shard()
+        if self._current is None:
+            self._current = _ShardFile(self.folder / f".shard-{len(self._shards):05d}.tmp")
+        for name, tensor in tensors.items():
+            self._current.add(name, tensor)
+            self._names.append(name)
+        if ao_meta:
+            self._torchao_names += json.loads(ao_meta.pop("tensor_names"))
+            self._metadata.update(ao_meta)
+            self._has_torchao = True
+        else:  # described as plain tensors in case another unit of this shard is quantized
+            self._torchao_names += list(unit)
+            self._metadata.update({name: json.dumps({"_type": "Tensor"}) for name in unit})
         self.total_bytes += size
 
-    def _flush(self) -> None:
-        # Sorted names: the file does not depend on the order units listed their tensors in.
-        tensors, metadata = _flatten(dict(sorted(self._pending.items())))
+    def _close_shard(self) -> None:
+        metadata = {"format": "pt"}
+        if self._has_torchao:
+            metadata.update(self._metadata)
+            metadata["tensor_names"] = json.dumps(sorted(self._torchao_names))
+            metadata[TORCHAO_KEY] = "1"
         if not self._shards and self.aliases:
             metadata[ALIASES_KEY] = json.dumps(self.aliases, sort_keys=True)
-        path = self.folder / f".shard-{len(self._shards):05d}.tmp"
-        _write(tensors, metadata, path)
-        self._shards.append((path, sorted(tensors)))
-        self._pending, self._pending_bytes = {}, 0
+        self._current.finish(metadata)
+        self._shards.append((self._current.path, sorted(self._names)))
+        self._current, self._names, self._metadata, self._torchao_names = None, [], {}, []
+        self._has_torchao = False
 
     def close(self) -> list[str]:
         """Finish the last shard, name the files, write the index; returns the file names."""
-        if self._pending or not self._shards:
-            self._flush()
+        if self._current is None and not self._shards:
+            self._current = _ShardFile(self.folder / ".shard-00000.tmp")
+        if self._current is not None:
+            self._close_shard()
         total = len(self._shards)
         if total == 1:
             self._shards[0][0].rename(self.folder / self.weights_name)
@@ -165,15 +221,6 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / index_name(self.weights_name)).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return [index_name(self.weights_name), *files]
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    if _is_plain(t):
-        return t.numel() * t.element_size()
-    # torchao tensors: count the stored inner tensors (int8 data + scales), not the logical size.
-    names = list(getattr(t, "tensor_data_names", [])) + list(getattr(t, "optional_tensor_data_names", []))
-    inner = [getattr(t, n) for n in names if isinstance(getattr(t, n, None), torch.Tensor)]
-    return sum(x.numel() * x.element_size() for x in inner)
 
 
 def stored_weight_files(folder: str | os.PathLike, weights_name: str) -> list[Path]:
