@@ -43,11 +43,22 @@ def main(artifact, prompt, seed, steps, height, width, guidance_scale, negative_
     from .images import encode_png, generate
     from .loader import load
 
+    if precompile and compile_cache is None:
+        from .compilers import default_cache_root
+
+        compile_cache = default_cache_root()
     try:
         pipe = load(artifact, device=device, verify=verify, cacher=not no_cacher, compiler=not no_compile,
                     warmup=precompile, compile_cache=compile_cache, progress=True)
         if precompile:
-            click.echo(f"compile cache filled for {artifact}", err=True)
+            cache = pipe.smash.compile_cache
+            if cache is None:
+                click.echo(f"{artifact} records no compiler: nothing to precompile", err=True)
+            else:
+                report = cache.report()
+                how = "loaded from the cache" if report["hit"] else "compiled and stored"
+                click.echo(f"compile cache {report['folder']}: {how} (warm-up "
+                           f"{pipe.smash.timings.get('warmup', 0.0):.1f}s)", err=True)
         else:
             image = generate(pipe, prompt, seed=seed, steps=steps, height=height, width=width,
                              guidance_scale=guidance_scale, negative_prompt=negative_prompt)[0]

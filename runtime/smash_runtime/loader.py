@@ -34,6 +34,7 @@ class LoadInfo:
     timings: dict[str, float] = field(default_factory=dict)
     cacher: dict[str, Any] | None = None
     compiler: dict[str, Any] | None = None
+    compile_cache: Any = None  # the active CompileCache; ``.report()`` says whether code came from disk
 
     @property
     def artifact_id(self) -> str:
@@ -181,14 +182,16 @@ def load(
     info = LoadInfo(root=root, manifest=manifest, device=device, timings=timings)
     pipe.smash = info
     if compiler_settings:
-        from .compilers import apply_compiler, compiler_config_from_dict, CompileCache
+        from .compilers import CompileCache, apply_compiler, artifact_sha256, compiler_config_from_dict
 
         cfg = compiler_config_from_dict(compiler_settings)
         cache_dir = compile_cache or os.environ.get("SMASH_COMPILE_CACHE")
-        cache = CompileCache(cache_dir, artifact_hash=manifest_digest(root)) if cache_dir else None
+        cache = CompileCache(cache_dir, artifact_hash=artifact_sha256(root)) if cache_dir else None
+        # torch.compile is lazy: this only wraps; the compile time lands in the warm-up phase.
         with phase("compile"):
             apply_compiler(pipe, cfg, cache=cache)
         info.compiler = compiler_settings
+        info.compile_cache = cache
     if cacher_settings:
         from .cachers import apply_cacher, cacher_config_from_dict
 
@@ -213,10 +216,3 @@ def _pipeline_options(root: Path, pipeline_cls: type, components: dict[str, Any]
         key: value for key, value in config.items()
         if key in accepted and key not in components and not isinstance(value, list)
     }
-
-
-def manifest_digest(root: str | os.PathLike) -> str:
-    """sha256 of ``smash.json``: identifies the artifact's exact contents (it hashes every file)."""
-    from .format import sha256_file
-
-    return sha256_file(Path(root) / MANIFEST_FILE)
