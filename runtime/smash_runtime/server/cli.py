@@ -1,0 +1,131 @@
+"""``smash-serve ARTIFACT``: serve an artifact over HTTP with uvicorn.
+
+    smash-serve dist/tiny-flux --host 0.0.0.0 --port 8000 --max-queue 16
+    SMASH_API_KEY=secret smash-serve org/flux-dev-fast@main
+
+Every server setting is a flag and a ``SMASH_*`` environment variable (flags win), except the
+API key, which is read from ``SMASH_API_KEY`` only so it stays out of process listings.
+Exit status: 0 after a clean shutdown (SIGTERM or SIGINT included), 1 if the artifact failed
+to load, 2 for bad arguments or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .jsonlog import LOGGER, configure_json_logging
+from .settings import ServerSettings
+
+logger = logging.getLogger(LOGGER)
+EXIT_LOAD_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smash-serve",
+        description="Serve a smash-build ARTIFACT (a folder or ORG/NAME[@REVISION] on the Hub) with an "
+        "OpenAI-compatible image API.",
+        epilog="The API key is read from SMASH_API_KEY only. Routes, limits and errors: "
+        "runtime/smash_runtime/server/README.md",
+    )
+    parser.add_argument("artifact")
+    parser.add_argument("--host", default=os.environ.get("SMASH_HOST", "127.0.0.1"), help="(env SMASH_HOST)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("SMASH_PORT", "8000")), help="(env SMASH_PORT)")
+    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: CUDA when available)")
+    parser.add_argument("--verify", choices=["full", "fast", "off"], default="full", help="artifact file check")
+    parser.add_argument("--no-cacher", action="store_true", help="do not apply the recorded cacher")
+    parser.add_argument("--no-compile", action="store_true", help="do not apply the recorded compiler")
+    parser.add_argument("--compile-cache", default=None, help="compile cache folder (default: $SMASH_COMPILE_CACHE)")
+    for f in dataclasses.fields(ServerSettings):
+        if f.name == "api_key":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (env {f.metadata['env']}, default {f.default})"
+        if f.type.startswith("bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = int if f.type.startswith("int") else float if f.type.startswith("float") else str
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+    return parser
+
+
+def serve(app, host: str, port: int, grace_s: float, fatal: list[BaseException] | None = None) -> int:
+    """Run ``app`` with uvicorn until SIGTERM/SIGINT; in-flight requests get ``grace_s`` to finish.
+
+    Returns the exit status: 0 after a graceful shutdown, 1 if ``fatal`` collected an error.
+    """
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
+        timeout_graceful_shutdown=grace_s, server_header=False,
+    )
+    server = uvicorn.Server(config)
+    app.state.uvicorn_server = server
+    # uvicorn re-raises the signal it shut down on once it is done, which would turn a clean
+    # drain into death by signal (status 143 / 130). The signal has been handled: exit 0 instead.
+    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return EXIT_LOAD_FAILED if fatal else 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure_json_logging()
+    from ..errors import SmashError
+
+    overrides: dict[str, Any] = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(ServerSettings) if f.name != "api_key"
+    }
+    try:  # settings first: a typo should not wait for torch to import
+        settings = ServerSettings.from_env(**overrides)
+    except SmashError as exc:
+        logger.error("cannot start", extra={"fields": {"error": str(exc)}})
+        sys.exit(EXIT_BAD_INPUT)
+    from ..logs import quiet_third_party_logs
+
+    quiet_third_party_logs()
+    from ..format import read_manifest
+    from ..loader import load, resolve_artifact
+    from .app import create_app
+
+    try:
+        root = resolve_artifact(args.artifact)
+        manifest = read_manifest(root)
+    except SmashError as exc:
+        logger.error("cannot start", extra={"fields": {"error": str(exc)}})
+        sys.exit(EXIT_BAD_INPUT)
+
+    def load_pipeline():
+        pipe = load(root, device=args.device, verify=args.verify, cacher=not args.no_cacher,
+                    compiler=not args.no_compile, compile_cache=args.compile_cache)
+        return pipe, pipe.smash.manifest
+
+    fatal: list[BaseException] = []
+
+    def on_load_error(exc: BaseException) -> None:
+        fatal.append(exc)
+        server = getattr(app.state, "uvicorn_server", None)
+        if server is not None:
+            server.should_exit = True  # a server that cannot generate should not linger
+
+    app = create_app(load_pipeline, settings, manifest=manifest, on_load_error=on_load_error)
+    logger.info("starting", extra={"fields": {"artifact": str(root), "host": args.host, "port": args.port,
+                                              "settings": repr(settings)}})
+    sys.exit(serve(app, args.host, args.port, settings.shutdown_grace_s, fatal))
+
+
+if __name__ == "__main__":
+    main()

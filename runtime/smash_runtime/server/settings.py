@@ -1,0 +1,112 @@
+"""Server settings: one frozen dataclass, filled from ``SMASH_*`` environment variables and CLI flags.
+
+Every field carries its environment variable and help text in its metadata, so the CLI and
+the README stay in step with the code.
+
+    >>> from smash_runtime.server.settings import ServerSettings
+    >>> ServerSettings.from_env({"SMASH_MAX_QUEUE": "4"}).max_queue
+    4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import SettingsError, did_you_mean
+
+
+def _setting(default: Any, env: str, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"env": env, "help": help}, **extra)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Limits and behaviour of the HTTP server. All sizes are pixels, all times seconds."""
+
+    api_key: str | None = _setting(
+        None, "SMASH_API_KEY", "Bearer token every route but /health requires (unset: no auth).", repr=False
+    )
+    max_queue: int = _setting(8, "SMASH_MAX_QUEUE", "Requests that may wait behind the running one; more get 429.")
+    request_timeout_s: float = _setting(
+        300.0, "SMASH_REQUEST_TIMEOUT_S", "Seconds a request may wait and run before it gets 503."
+    )
+    max_n: int = _setting(4, "SMASH_MAX_N", "Largest n (images per request).")
+    max_steps: int = _setting(100, "SMASH_MAX_STEPS", "Largest num_inference_steps.")
+    min_size: int = _setting(16, "SMASH_MIN_SIZE", "Smallest width and height.")
+    max_size: int = _setting(2048, "SMASH_MAX_SIZE", "Largest width and height.")
+    max_prompt_chars: int = _setting(4000, "SMASH_MAX_PROMPT_CHARS", "Longest prompt and negative_prompt, in characters.")
+    max_body_bytes: int = _setting(65536, "SMASH_MAX_BODY_BYTES", "Largest request body; larger ones get 413 unread.")
+    shutdown_grace_s: float = _setting(
+        30.0, "SMASH_SHUTDOWN_GRACE_S", "On SIGTERM, seconds in-flight requests get to finish."
+    )
+    warmup: bool = _setting(True, "SMASH_WARMUP", "Run the artifact's warm-up shapes before /ready turns 200.")
+    warmup_delay_s: float = _setting(
+        0.0, "SMASH_WARMUP_DELAY_S", "Extra seconds /ready stays 503 after warm-up (readiness drills, tests)."
+    )
+    model_id: str | None = _setting(None, "SMASH_MODEL_ID", "Model id in /v1/models (default: the artifact's name).")
+
+    def __post_init__(self) -> None:
+        positive_ints = ("max_queue", "max_n", "max_steps", "min_size", "max_size", "max_prompt_chars", "max_body_bytes")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SettingsError(name, value, "a whole number >= 1")
+        if self.min_size > self.max_size:
+            raise SettingsError("min_size", self.min_size, f"at most max_size ({self.max_size})")
+        for name in ("request_timeout_s", "shutdown_grace_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise SettingsError(name, value, "a number of seconds > 0")
+        if not isinstance(self.warmup_delay_s, (int, float)) or not 0 <= self.warmup_delay_s < math.inf:
+            raise SettingsError("warmup_delay_s", self.warmup_delay_s, "a number of seconds >= 0")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
+            # An empty key would let every request in while looking configured.
+            raise SettingsError("api_key", "<hidden>", "a non-empty string, or unset to disable auth")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServerSettings:
+        """Settings from ``SMASH_*`` variables of ``environ`` (default ``os.environ``), then ``overrides``.
+
+        ``None`` overrides are ignored, so CLI flags left unset keep the environment's value.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        for name in sorted(unknown):
+            raise SettingsError(name, overrides[name], "not a server setting", did_you_mean(name, cls.field_names()))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    env = f.metadata["env"]
+    try:
+        if kind.startswith("bool"):
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        expected = {"bool": "1/0, true/false, yes/no or on/off", "int": "a whole number", "float": "a number"}
+        raise SettingsError(env, raw, f"{expected[kind.split(' ')[0]]} ({f.metadata['help']})") from None
+    return raw
