@@ -4,6 +4,11 @@
     smash-build manifests/tiny-flux.toml -o out/    # ... somewhere else
     smash-build validate manifests/tiny-flux.toml   # check it, write nothing
     smash-build schema > smash-manifest.schema.json # JSON Schema for editors
+    smash-build M.toml --evaluate --push --image T  # build, then evaluate, publish, containerize
+    smash-build publish dist/tiny-flux --repo ORG/NAME
+    smash-build image dist/tiny-flux --tag smash/tiny-flux:1
+    smash-build evaluate dist/tiny-flux             # latency, memory, fidelity vs the base
+    smash-build sweep M.toml --vary runtime.cacher.interval=2,3,4
 """
 
 from __future__ import annotations
@@ -70,16 +75,37 @@ def main():
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Artifact folder (overrides [output] dir).")
-def build_cmd(manifest, out_dir):
-    """Build the artifact MANIFEST describes."""
-    from .builder import build
-
+@click.option("--evaluate", "run_evaluate", is_flag=True,
+              help="Then measure the artifact against its base ([evaluate] settings) and write the model card.")
+@click.option("--push", is_flag=True, help="Then publish the artifact as [publish.hub] says.")
+@click.option("--image", "image_tag", default=None, metavar="TAG",
+              help="Then build a container image TAG serving the artifact ([publish.image] gives the defaults).")
+def build_cmd(manifest, out_dir, run_evaluate, push, image_tag):
+    """Build the artifact MANIFEST describes (then optionally evaluate, publish, containerize)."""
     spec = _load_manifest(manifest)
+    if push and not spec.publish_hub:
+        raise click.UsageError(f"--push needs a [publish.hub] table with repo = \"ORG/NAME\" in {manifest}")
+    # [publish.image] include_compile_cache = true means "precompile inside the image build".
+    recorded = spec.publish_image or {}
+    image_spec = {"tag": image_tag or recorded.get("tag"), "base": recorded.get("base"),
+                  "push": bool(recorded.get("push")), "precompile": True}
+    if recorded.get("push") and not image_spec["tag"]:
+        raise click.UsageError(f"[publish.image] push = true needs a tag in {manifest}")
     try:
         result = _run_build(spec, out_dir)
+        _print_summary(result)
+        if run_evaluate:
+            from .evaluate.cli import evaluate_after_build
+
+            evaluate_after_build(result, spec)
+        if push:
+            from .exporters.hub import format_publish_result, publish_from_manifest
+
+            click.echo(format_publish_result(publish_from_manifest(result.artifact.path, spec.publish_hub)))
+        if image_tag or recorded.get("push"):
+            _build_image(result.artifact.path, image_spec)
     except SmashError as exc:
         _fail(exc)
-    _print_summary(result)
 
 
 def _run_build(spec, out_dir):
@@ -140,12 +166,85 @@ def validate(manifest):
 
 
 @main.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--repo", required=True, metavar="ORG/NAME", help="Hub model repo (created if missing).")
+@click.option("--revision", default=None, help="Branch to commit to (default main; created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing public repo is refused).")
+@click.option("-m", "--message", default=None, help="Commit message.")
+@click.option("--dry-run", is_flag=True, help="Verify and list what would be uploaded; no token, no network.")
+def publish(artifact, repo, revision, private, message, dry_run):
+    """Verify ARTIFACT and upload it to the Hugging Face Hub in one commit (token: HF_TOKEN or `hf auth login`)."""
+    from .exporters.hub import format_publish_result, publish_artifact
+
+    try:
+        result = publish_artifact(artifact, repo, private=private, revision=revision, commit_message=message,
+                                  dry_run=dry_run)
+    except SmashError as exc:
+        _fail(exc)
+    click.echo(format_publish_result(result))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("-t", "--tag", default=None, help="Image tag (default: smash/<artifact folder name>:latest).")
+@click.option("--base", default=None, help="Base image (default: the pinned python slim image).")
+@click.option("--variant", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Which torch build the image installs.")
+@click.option("--compile-cache", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Bake this compile-cache folder (from `smash-run --precompile`) into the image.")
+@click.option("--no-precompile", is_flag=True, help="Do not precompile inside the image build.")
+@click.option("--context-only", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the docker build context to this folder instead of building.")
+@click.option("--push", is_flag=True, help="Push the image after building it.")
+def image(artifact, tag, base, variant, compile_cache, no_precompile, context_only, push):
+    """Bake ARTIFACT and smash-runtime into a reproducible container image that serves it over HTTP."""
+    spec = {"tag": tag or f"smash/{Path(artifact).resolve().name}:latest", "push": push, "variant": variant,
+            "include_compile_cache": compile_cache, "precompile": not no_precompile}
+    if base:
+        spec["base"] = base
+    try:
+        if context_only:
+            from .exporters.image import write_build_context
+
+            info = write_build_context(artifact, context_only, **_image_options(spec), log=click.echo)
+            click.echo(f"build context written to {info.path} ({info.files} files, {_human(info.size)}); "
+                       f"build it with: docker build {info.path}")
+            return
+        _build_image(artifact, spec)
+    except SmashError as exc:
+        _fail(exc)
+
+
+def _image_options(spec: dict) -> dict:
+    options = {"variant": spec.get("variant", "cpu"), "include_compile_cache": spec.get("include_compile_cache"),
+               "precompile": spec.get("precompile", True)}
+    if spec.get("base"):
+        options["base_image"] = spec["base"]
+    return options
+
+
+def _build_image(artifact, spec: dict) -> None:
+    from .exporters.image import build_image
+
+    info = build_image(artifact, spec["tag"], push=bool(spec.get("push")), log=click.echo, **_image_options(spec))
+    click.echo(f"image {info.tag} ({info.id[:19]}, {_human(info.size)}, built in {info.build_seconds:.0f}s)")
+    if info.pushed_digest:
+        click.echo(f"pushed {info.pushed_digest}")
+    click.echo(f"run it with: docker run --rm -p 8000:8000 {info.tag}")
+
+
+@main.command()
 def schema():
     """Print the manifest's JSON Schema (for editor completion)."""
     from .manifest import manifest_json_schema
 
     click.echo(json.dumps(manifest_json_schema(), indent=2, sort_keys=True))
 
+
+from .evaluate.cli import evaluate_cmd, sweep_cmd  # noqa: E402  (click commands; heavy imports stay lazy)
+
+main.add_command(evaluate_cmd)
+main.add_command(sweep_cmd)
 
 if __name__ == "__main__":
     main()
