@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,10 +139,9 @@ def build(
     spec = manifest.model
     step(f"resolving {spec.source}")
     source = resolve_source(spec.source, spec.revision, manifest.path.parent if manifest.path else None)
-    forced = manifest.build.streaming
-    if source.folder is None and forced:
+    if source.folder is None:
         source = materialize_builtin(source, spec.dtype)
-    if source.folder is not None and _wants_streaming(source, forced):
+    if _wants_streaming(source, manifest.build.streaming):
         return _build_streaming(manifest, source, target, step, max_shard_bytes, progress)
     return _build_in_memory(manifest, source, target, step, max_shard_bytes)
 
@@ -243,8 +241,6 @@ def _build_streaming(manifest, source, target, step, max_shard_bytes, progress) 
     )
     for change in changes.values():
         change.bytes_after = artifact.component_size(change.name)
-    if source.builtin:
-        shutil.rmtree(source.folder, ignore_errors=True)
     return BuildResult(artifact, None, source, list(changes.values()), streamed=True, peak_rss_bytes=_peak_rss())
 
 

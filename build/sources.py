@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,18 +75,31 @@ def resolve_source(source: str, revision: str | None, base_dir: Path | None = No
     return SourceRef(source, revision or "main", commit, license_, snapshot)
 
 
+_MATERIALIZED: dict[tuple[str, str], Path] = {}
+
+
 def materialize_builtin(ref: SourceRef, dtype: str) -> SourceRef:
-    """Write a built-in model to a temporary folder, for the paths that read source files."""
-    folder = Path(tempfile.mkdtemp(prefix=f"smash-{ref.builtin}-"))
-    build_tiny(ref.builtin, seed=0, dtype=DTYPES[dtype]).save_pretrained(folder)
+    """Write a built-in model to a folder (once per process, removed at exit) and read it from there.
+
+    Built-ins then go through ``from_pretrained`` like any source folder: loading adds metadata
+    to configs (``architectures``, tokenizer loader flags), and the in-memory and streaming
+    builds must see the same configs to write the same bytes.
+    """
+    key = (ref.builtin, dtype)
+    folder = _MATERIALIZED.get(key)
+    if folder is None or not (folder / "model_index.json").is_file():
+        folder = Path(tempfile.mkdtemp(prefix=f"smash-{ref.builtin}-"))
+        atexit.register(shutil.rmtree, folder, True)
+        build_tiny(ref.builtin, seed=0, dtype=DTYPES[dtype]).save_pretrained(folder)
+        _MATERIALIZED[key] = folder
     return SourceRef(ref.id, ref.revision, ref.commit, ref.license, folder)
 
 
 def load_pipeline(ref: SourceRef, dtype: str):
     """The whole source pipeline in memory on the CPU, every module in eval mode."""
     torch_dtype = DTYPES[dtype]
-    if ref.builtin and ref.folder is None:
-        return build_tiny(ref.builtin, seed=0, dtype=torch_dtype)
+    if ref.folder is None:
+        ref = materialize_builtin(ref, dtype)
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(ref.folder, torch_dtype=torch_dtype, use_safetensors=True)

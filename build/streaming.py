@@ -9,6 +9,7 @@ those of the in-memory build, so both write the same bytes.
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -152,6 +153,9 @@ def stream_component(
         if unit:
             _replace(skeleton, unit)
         del local, done, module
+        # Quantized blocks sit in reference cycles (module <-> attention processor, tensor
+        # subclasses); without a collection here each block's weights outlive it until the end.
+        gc.collect()
     writer.close()
     progress(len(units), len(units), "done")
     extras = {}

@@ -462,24 +462,21 @@ print(json.dumps(out))
 """
 
 
-def _cli_has_publish() -> bool:
-    from smash_build.cli import main
-
-    return "publish" in getattr(main, "commands", {})
-
-
 @pytest.mark.slow  # three fresh interpreters (build, publish, load) plus two generations: ~25 s idle
-@pytest.mark.skipif(not _cli_has_publish(), reason="`smash-build publish` is not wired into the CLI yet")
 def test_cli_build_publish_then_load_by_repo_id_is_bit_identical(hub, tmp_path):
     repo_root = Path(__file__).resolve().parents[1]
     cli = [sys.executable, "-c", "from smash_build.cli import main; main()"]
     art = tmp_path / "tiny-flux"
-    build_env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([*cli, str(repo_root / "manifests" / "tiny-flux.toml"), "-o", str(art)],
-                          capture_output=True, text=True, env=build_env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
+    manifest = tmp_path / "tiny-flux.toml"
+    manifest.write_text((repo_root / "manifests" / "tiny-flux.toml").read_text()
+                        + '\n[publish.hub]\nrepo = "smash/pushed"\ncommit_message = "pushed by the build"\n')
     env = hub.client_env(tmp_path / "hf_publisher", token=TOKEN)
+    proc = subprocess.run([*cli, str(manifest), "-o", str(art), "--push"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pushed = hub.head("smash/pushed")
+    assert pushed in proc.stdout and hub.store.repos["smash/pushed"].commits[pushed].title == "pushed by the build"
+
     dry = subprocess.run([*cli, "publish", str(art), "--repo", "smash/tiny-flux", "--dry-run"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert dry.returncode == 0, dry.stderr[-3000:]
@@ -496,4 +493,5 @@ def test_cli_build_publish_then_load_by_repo_id_is_bit_identical(hub, tmp_path):
     digests, output = run_fresh(LOAD_BOTH, ["smash/tiny-flux", str(art)], hub.client_env(cache))
     assert Path(digests["smash/tiny-flux"][1]).is_relative_to(cache)
     assert digests["smash/tiny-flux"][0] == digests[str(art)][0]
-    assert_no_token(dry.stdout, dry.stderr, pub.stdout, pub.stderr, output, folders=(art, cache))
+    assert_no_token(proc.stdout, proc.stderr, dry.stdout, dry.stderr, pub.stdout, pub.stderr, output,
+                    folders=(art, cache))

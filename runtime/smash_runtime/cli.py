@@ -53,7 +53,8 @@ def main(artifact, prompt, seed, steps, height, width, guidance_scale, negative_
         if precompile:
             cache = pipe.smash.compile_cache
             if cache is None:
-                click.echo(f"{artifact} records no compiler: nothing to precompile", err=True)
+                click.echo(f"no compiler applied to {artifact} (none recorded, or --no-compile): nothing to precompile",
+                           err=True)
             else:
                 report = cache.report()
                 how = "loaded from the cache" if report["hit"] else "compiled and stored"
