@@ -47,9 +47,9 @@ dir = "artifact"
 
 def flux_config(layers: int, single_layers: int) -> dict:
     """FLUX.1-dev's transformer configuration with ``layers`` double and ``single_layers`` single blocks."""
-    return dict(patch_size=1, in_channels=64, out_channels=None, num_layers=layers, num_single_layers=single_layers,
-                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    from gpu import FLUX_DEV_TRANSFORMER  # bench/ is on sys.path when this runs as a script
+
+    return {**FLUX_DEV_TRANSFORMER, "num_layers": layers, "num_single_layers": single_layers}
 
 
 def make_source(folder: Path, layers: int, single_layers: int, seed: int = 0) -> dict:

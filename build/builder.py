@@ -63,9 +63,10 @@ class BuildResult:
     peak_rss_bytes: int = 0
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Installed versions of the libraries that shape an artifact (and ``extra`` ones)."""
     versions = {}
-    for dist in _VERSIONED:
+    for dist in (*_VERSIONED, *extra):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

@@ -329,17 +329,7 @@ def build_results(manifest, root, settings, base, prompts, jobs, base_phase, con
     }
 
 
-_VERSIONED = ("torch", "diffusers", "transformers", "torchao", "safetensors", "torchmetrics", "numpy",
-              "smash-build", "smash-runtime")
-
-
 def library_versions() -> dict[str, str]:
-    import importlib.metadata
+    from ..builder import library_versions as build_versions
 
-    out = {"python": platform.python_version()}
-    for dist in _VERSIONED:
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
+    return {"python": platform.python_version(), **build_versions(extra=("torchmetrics", "numpy"))}
