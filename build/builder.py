@@ -217,7 +217,7 @@ def _build_streaming(manifest, source, target, step, max_shard_bytes, progress) 
                 fuse=transformed and b.fuse_qkv,
                 quantize_method=b.quantize.method if (transformed and b.quantize) else None,
                 exclude_globs=b.quantize.exclude_globs if b.quantize else (),
-                progress=progress or (lambda done, total, unit: None),
+                progress=progress or (lambda done, total, unit: None), log=step,
             )
             if transformed:
                 changes[name] = ComponentChange(name, before, fused_modules=fused, quantization=report)

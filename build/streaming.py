@@ -110,6 +110,7 @@ def stream_component(
     quantize_method: str | None = None,
     exclude_globs: tuple[str, ...] = (),
     progress: Callable[[int, int, str], None] = lambda done, total, unit: None,
+    log: Callable[[str], None] = lambda message: None,
 ) -> tuple[dict[str, Any], QuantizationReport | None, int, int]:
     """Build one model component unit by unit.
 
@@ -131,7 +132,11 @@ def stream_component(
     for name in unique:
         by_unit[unit_of(name, units)].append(name)
 
-    writer = ShardWriter(out_folder, WEIGHTS_FILE[record["library"]], max_shard_bytes, aliases)
+    def shard_done(number: int, nbytes: int) -> None:
+        log(f"{out_folder.name}: shard {number} written ({nbytes / 1024**2:.0f} MiB), "
+            f"RSS {psutil.Process().memory_info().rss / 1024**3:.2f} GiB")
+
+    writer = ShardWriter(out_folder, WEIGHTS_FILE[record["library"]], max_shard_bytes, aliases, on_shard=shard_done)
     report = QuantizationReport(quantize_method, tuple(exclude_globs)) if quantize_method else None
     fused = bytes_before = 0
     for i, unit in enumerate(units):

@@ -21,5 +21,6 @@ def quiet_third_party_logs(level: int = logging.ERROR) -> None:
 
         diffusers_logging.set_verbosity_error()
         transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()  # per-file "Writing model shards" bars; we show our own
     except ImportError:  # the libraries are dependencies; this only guards odd installs
         pass

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,8 @@ class ShardWriter:
     """
 
     def __init__(self, folder: str | os.PathLike, weights_name: str, max_shard_bytes: int,
-                 aliases: Mapping[str, str] | None = None):
+                 aliases: Mapping[str, str] | None = None, on_shard: Callable[[int, int], None] | None = None):
+        self.on_shard = on_shard  # called with (shard number, bytes) as each shard is finished
         self.folder = Path(folder)
         self.weights_name = weights_name
         self.max_shard_bytes = max_shard_bytes
@@ -199,6 +200,8 @@ class ShardWriter:
             metadata[ALIASES_KEY] = json.dumps(self.aliases, sort_keys=True)
         self._current.finish(metadata)
         self._shards.append((self._current.path, sorted(self._names)))
+        if self.on_shard:
+            self.on_shard(len(self._shards), self._current.nbytes)
         self._current, self._names, self._metadata, self._torchao_names = None, [], {}, []
         self._has_torchao = False
 
