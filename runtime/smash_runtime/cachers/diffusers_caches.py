@@ -252,9 +252,10 @@ def calibrate_mag_ratios(
 
     The ratio at step ``i`` is the mean over tokens of ``|r_i| / |r_i-1|``, where ``r`` is the
     residual from the first block's input to the last block's output (diffusers' definition).
-    Call it without true CFG so each step calls the transformer once.
+    Call it without true CFG so each step calls the transformer once, and pass a seeded
+    ``generator`` (in ``call_kwargs``): without one the noise, hence the ratios, change per run.
 
-        >>> ratios = calibrate_mag_ratios(pipe, num_inference_steps=28)
+        >>> ratios = calibrate_mag_ratios(pipe, num_inference_steps=28, generator=torch.Generator().manual_seed(0))
         >>> cfg = cacher_config_from_dict({"name": "magcache", "mag_ratios": ratios})
     """
     denoiser = pipe.transformer
