@@ -105,8 +105,24 @@ def load_pipeline(ref: SourceRef, dtype: str):
     pipe = DiffusionPipeline.from_pretrained(ref.folder, torch_dtype=torch_dtype, use_safetensors=True)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
+            _own_aligned_storage(component)
             component.eval().requires_grad_(False)
     return pipe
+
+
+def _own_aligned_storage(module: torch.nn.Module) -> None:
+    """Give every tensor still pointing into a file mapping its own allocation.
+
+    ``from_pretrained`` can leave tensors at unaligned offsets of the mapped safetensors file;
+    CPU kernels then take other vector paths and round differently from the same weights
+    loaded by the runtime (which allocates aligned), and inductor keys its cache on alignment.
+    """
+    with torch.no_grad():
+        for sub in module.modules():
+            for params in (sub._parameters, sub._buffers):
+                for name, tensor in params.items():
+                    if tensor is not None and tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                        tensor.data = tensor.data.clone()
 
 
 def _resolve_hub_revision(repo_id: str, revision: str) -> tuple[str, str | None]:
