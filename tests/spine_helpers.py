@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import torch
+
 from smash_build.builder import BuildResult, build
 from smash_build.manifest import parse_manifest
 
@@ -52,8 +54,10 @@ FRESH_LOADER = """
 import hashlib, json, sys
 from smash_runtime.logs import quiet_third_party_logs
 quiet_third_party_logs()
+import torch
 import smash_runtime
 from smash_runtime.images import encode_png, generate
+torch.set_num_threads(int(sys.argv[3]))  # CPU kernels round differently per thread count
 out = {}
 for path in json.loads(sys.argv[1]):
     pipe = smash_runtime.load(path, device="cpu")
@@ -66,7 +70,8 @@ print(json.dumps(out))
 
 def digests_in_fresh_process(paths: list[Path], **overrides) -> dict[str, str]:
     """Load each artifact with smash_runtime.load in ONE new interpreter; image digests by path."""
-    args = [sys.executable, "-c", FRESH_LOADER, json.dumps([str(p) for p in paths]), json.dumps({**GEN, **overrides})]
+    args = [sys.executable, "-c", FRESH_LOADER, json.dumps([str(p) for p in paths]), json.dumps({**GEN, **overrides}),
+            str(torch.get_num_threads())]
     proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

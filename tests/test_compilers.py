@@ -155,7 +155,9 @@ def test_fora_after_compile_adds_no_graphs_and_no_recompiles(compiled):
 SECOND_PROCESS = textwrap.dedent(
     """
     import json, sys
+    import torch
     from smash_build.tiny_models import build_tiny
+    torch.set_num_threads(int(sys.argv[4]))  # inductor's cache key includes the thread count
     from smash_runtime.compilers import CompileCache, TorchCompileConfig, apply_compiler, warm_up, warmup_config_from_dict
     pipe = build_tiny("tiny-flux")
     pipe.set_progress_bar_config(disable=True)
@@ -172,7 +174,8 @@ def test_second_process_hits_the_filled_cache(compiled):
     assert compiled.report["fxgraph_cache_miss"] >= 1 and not compiled.report["hit"]
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     proc = subprocess.run(
-        [sys.executable, "-c", SECOND_PROCESS, str(compiled.root), ARTIFACT, json.dumps(config_to_dict(WARMUP))],
+        [sys.executable, "-c", SECOND_PROCESS, str(compiled.root), ARTIFACT, json.dumps(config_to_dict(WARMUP)),
+         str(torch.get_num_threads())],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

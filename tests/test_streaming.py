@@ -12,9 +12,16 @@ from smash_build.builder import build
 from smash_build.manifest import parse_manifest
 from smash_build.streaming import AUTO_THRESHOLD_BYTES, should_stream
 
-torch.set_num_threads(1)
-
 BAKED_ON_CPU = [None, "int8dq", "int8wo", "fp8wo"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two OpenMP threads spin against each other on the shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _build(tmp_path, name, *, streaming, method=None, fuse=True, source="builtin:tiny-flux", **kw):
