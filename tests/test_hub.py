@@ -341,7 +341,7 @@ def test_publish_with_token_from_login_cache(client, tmp_path, hub, capfd):
     (READ_TOKEN, "smash/read-only", "needs the 'write' role"),
     (OTHER_TOKEN, "smash/not-carols", "permission denied"),
     ("hf_invalid_" + "x" * 20, "smash/bad-token", "rejected the Hugging Face token"),
-])
+], ids=["read-token", "other-users-repo", "invalid-token"])  # ids never show a token (and match across xdist workers)
 def test_publish_permission_errors_are_clear(client, tmp_path, token, repo, match, capfd, caplog):
     from smash_build.exporters.hub import PublishError
 
