@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import atexit
+import itertools
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -115,14 +116,11 @@ def _own_aligned_storage(module: torch.nn.Module) -> None:
 
     ``from_pretrained`` can leave tensors at unaligned offsets of the mapped safetensors file;
     CPU kernels then take other vector paths and round differently from the same weights
-    loaded by the runtime (which allocates aligned), and inductor keys its cache on alignment.
+    loaded by the runtime, which allocates aligned.
     """
-    with torch.no_grad():
-        for sub in module.modules():
-            for params in (sub._parameters, sub._buffers):
-                for name, tensor in params.items():
-                    if tensor is not None and tensor.device.type == "cpu" and tensor.data_ptr() % 64:
-                        tensor.data = tensor.data.clone()
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+            tensor.data = tensor.data.clone()
 
 
 def _resolve_hub_revision(repo_id: str, revision: str) -> tuple[str, str | None]:

@@ -34,15 +34,7 @@ FLUX_CALL = dict(height=64, width=64, max_sequence_length=16, output_type="laten
 CFG = dict(true_cfg_scale=2.0, negative_prompt="blurry")
 STEPS = 8
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On the shared 2-core machine two OpenMP threads spin against other processes: tiny-sdxl
-    # runs ~15x slower than with one. Outputs are compared within this module only.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CallCounter:

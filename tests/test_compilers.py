@@ -157,7 +157,7 @@ SECOND_PROCESS = textwrap.dedent(
     import json, sys
     import torch
     from smash_build.tiny_models import build_tiny
-    torch.set_num_threads(int(sys.argv[4]))  # inductor's cache key includes the thread count
+    torch.set_num_threads(int(sys.argv[4]))  # inductor's CPU code depends on the thread count
     from smash_runtime.compilers import CompileCache, TorchCompileConfig, apply_compiler, warm_up, warmup_config_from_dict
     pipe = build_tiny("tiny-flux")
     pipe.set_progress_bar_config(disable=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from spine_helpers import digests_in_fresh_process, manifest_text, tree_hashes
 
 from smash_build.builder import build
@@ -14,14 +13,7 @@ from smash_build.streaming import AUTO_THRESHOLD_BYTES, should_stream
 
 BAKED_ON_CPU = [None, "int8dq", "int8wo", "fp8wo"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two OpenMP threads spin against each other on the shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(tmp_path, name, *, streaming, method=None, fuse=True, source="builtin:tiny-flux", **kw):
