@@ -27,8 +27,14 @@ def generate(
     guidance_scale: float | None = None,
     negative_prompt: str | None = None,
     num_images: int = 1,
+    image: Image.Image | None = None,
+    mask_image: Image.Image | None = None,
+    strength: float | None = None,
 ) -> list[Image.Image]:
-    """Run ``pipe`` once; the generator lives on the CPU so images match across devices' runs."""
+    """Run ``pipe`` once; the generator lives on the CPU so images match across devices' runs.
+
+    ``image``, ``mask_image`` and ``strength`` are for image-to-image and inpainting pipelines
+    (for example ``AutoPipelineForImage2Image.from_pipe(pipe)``)."""
     kwargs = {
         "prompt": prompt,
         "generator": torch.Generator("cpu").manual_seed(seed),
@@ -41,6 +47,9 @@ def generate(
         "width": width,
         "guidance_scale": guidance_scale,
         "negative_prompt": negative_prompt,
+        "image": image,
+        "mask_image": mask_image,
+        "strength": strength,
     }
     accepted = inspect.signature(type(pipe).__call__).parameters
     for key, value in optional.items():

@@ -40,10 +40,16 @@ class GenerationParams:
     steps: int | None = None
     guidance_scale: float | None = None
     negative_prompt: str | None = None
+    task: str = "generate"  # "generate", "edit" (image to image) or "inpaint"
+    image: Any = None  # edits: the PIL image to start from, already at width x height
+    mask: Any = None  # inpainting: an L image, white where the pipeline repaints
+    strength: float | None = None
+    output_format: str = "png"
+    output_compression: int | None = None
 
 
 class QueueFull(Exception):
-    """The queue holds ``max_queue`` jobs already; retry after ``retry_after`` seconds."""
+    """``max_queue`` jobs wait behind a running one already; retry after ``retry_after`` seconds."""
 
     def __init__(self, retry_after: int):
         super().__init__(f"queue full, retry after {retry_after} s")
@@ -84,6 +90,7 @@ class GenerationWorker:
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._busy = False  # a job is running; False between jobs, while the next is being handed over
         self._thread: threading.Thread | None = None
         self._mean_run_s: float | None = None  # running mean, for Retry-After
 
@@ -102,10 +109,13 @@ class GenerationWorker:
         return max(1, math.ceil(per_job * (self.depth + 1)))
 
     def submit(self, job: Job) -> None:
+        """Queue ``job``. Admission counts the worker's slot: ``max_queue`` jobs may wait behind a
+        running one, and when none runs, the job about to be handed to the worker is not "waiting"
+        (so ``max_queue + 1`` clients that each await their answer never see :class:`QueueFull`)."""
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the worker is stopping")
-            if len(self._queue) >= self.max_queue:
+            if len(self._queue) >= self.max_queue + (0 if self._busy else 1):
                 raise QueueFull(self.retry_after())
             self._queue.append(job)
             self._metrics.queue_depth.set(len(self._queue))
@@ -149,6 +159,7 @@ class GenerationWorker:
                     return
                 job = self._queue.popleft()
                 self._metrics.queue_depth.set(len(self._queue))
+                self._busy = True
                 job.state = "running"
                 job.started_at = time.perf_counter()
             self._execute(job)
@@ -173,6 +184,8 @@ class GenerationWorker:
         with self._cond:
             abandoned = job.state == "abandoned"
             job.state = "done"
+            # Before the answer goes out: the client's next request must find the slot free.
+            self._busy = False
         if abandoned:
             self._metrics.jobs.labels("discarded").inc()
             return
