@@ -19,7 +19,14 @@ LOGGER = "smash_runtime.server"
 
 
 class JsonFormatter(logging.Formatter):
-    """Format a record as one JSON line; ``extra={"fields": {...}}`` adds keys at the top level."""
+    """Format a record as one JSON line; ``extra={"fields": {...}}`` adds keys at the top level.
+
+    ``source=True`` adds where the record was logged (``"source": "app.py:123"``), for ``-v``.
+    """
+
+    def __init__(self, source: bool = False):
+        super().__init__()
+        self.source = source
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -33,15 +40,18 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         else:
             entry["message"] = record.getMessage()
+        if self.source:
+            entry["source"] = f"{record.filename}:{record.lineno}"
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-def configure_json_logging(level: int = logging.INFO, stream=None) -> None:
-    """Send every logger's records (uvicorn's included) to ``stream`` as JSON lines."""
+def configure_json_logging(level: int = logging.INFO, stream=None, *, source: bool = False) -> None:
+    """Send every logger's records (uvicorn's included) at ``level`` and above to ``stream`` as JSON
+    lines; ``source`` adds each record's file and line."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(source=source))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
