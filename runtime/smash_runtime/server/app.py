@@ -398,7 +398,7 @@ def _params(req: Any, state: ServerState, info: PipelineInfo, accepts: frozenset
             raise ApiError(400, f"{name}: {type(state.pipe).__name__} does not take this parameter",
                            param=name, code="unsupported_parameter")
     return GenerationParams(
-        prompt=req.prompt, n=req.n or 1, width=width, height=height,
+        prompt=req.prompt, n=req.n, width=width, height=height,
         seed=req.seed if req.seed is not None else secrets.randbelow(_SEED_RANGE), steps=req.num_inference_steps,
         guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt,
         output_format=req.output_format or "png", output_compression=req.output_compression,

@@ -16,7 +16,7 @@ import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
 
 from .errors import ApiError
 from .settings import ServerSettings
@@ -43,6 +43,14 @@ IGNORED_HEADER = "X-Smash-Ignored-Parameters"
 class _RequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null_is_not_given(cls, value: Any, info: ValidationInfo) -> Any:
+        # OpenAI clients send explicit nulls for unset fields: null means "not given", so the
+        # default applies. A required field (prompt) stays required.
+        field_info = cls.model_fields[info.field_name]
+        return field_info.get_default() if value is None and not field_info.is_required() else value
+
     @field_validator("guidance_scale", check_fields=False)
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
@@ -67,10 +75,10 @@ def _fields(settings: ServerSettings) -> dict[str, Any]:
     return dict(
         prompt=(str, Field(..., description="What to draw.", **prompt_len)),
         model=(str | None, Field(None, max_length=256, description="The served model's id or one of its aliases.")),
-        n=(int | None, Field(None, ge=1, le=settings.max_n, description="Images to generate (one batch); default 1.")),
+        n=(int, Field(1, ge=1, le=settings.max_n, description="Images to generate (one batch).")),
         size=(str | None, Field(None, pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$",
                                 description='"WIDTHxHEIGHT", e.g. "1024x1024"; "auto" or absent: the default size.')),
-        response_format=(Literal["b64_json", "url"] | None, Field(None, description='Only "b64_json" is served.')),
+        response_format=(Literal["b64_json", "url"], Field("b64_json", description='Only "b64_json" is served.')),
         output_format=(Literal[OUTPUT_FORMATS] | None, Field(None, description="png (default), jpeg or webp.")),
         output_compression=(int | None, Field(None, ge=0, le=100, description=(
             "0-100. jpeg/webp: the encoder's quality (100 = least compression, the default); "
