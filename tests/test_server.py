@@ -24,10 +24,12 @@ from pathlib import Path
 
 import openai
 import pytest
+from diffusers import AutoPipelineForImage2Image
 from PIL import Image
 
 from smash_build.tiny_models import build_tiny
 from smash_runtime.errors import ArtifactError
+from smash_runtime.images import encode_png, generate
 from smash_runtime.server import ServerSettings, create_app
 from smash_runtime.server.jsonlog import LOGGER, JsonFormatter
 
@@ -422,6 +424,15 @@ def test_smash_serve_process_end_to_end_then_sigterm_mid_request(artifact, tmp_p
         assert [base64.b64decode(d.b64_json) for d in result.data] == reference_pngs(reference, "a red cube", 11, 2, 32)
         assert client.models.list().data[0].id == "tiny-flux"
 
+        # An edit runs the loaded artifact's modules through diffusers' from_pipe image-to-image pipeline.
+        source = base64.b64decode(result.data[0].b64_json)
+        edited = client.images.edit(image=("in.png", source, "image/png"), prompt="a blue cube",
+                                    extra_body={"seed": 2, "num_inference_steps": 4, "strength": 0.75})
+        img2img = AutoPipelineForImage2Image.from_pipe(reference)
+        expected = generate(img2img, "a blue cube", seed=2, steps=4, height=32, width=32, strength=0.75,
+                            image=Image.open(io.BytesIO(source)).convert("RGB"))[0]
+        assert base64.b64decode(edited.data[0].b64_json) == encode_png(expected)
+
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(gen, port, headers=auth, size="32x32", num_inference_steps=25, seed=1)
             wait_until(lambda: metric(metrics(port, headers=auth), "smash_generations_in_progress") == 1,
@@ -442,3 +453,50 @@ def test_smash_serve_process_end_to_end_then_sigterm_mid_request(artifact, tmp_p
     served = [r for r in records if r.get("event") == "request" and r["path"] == GEN_ROUTE]
     assert [r["status"] for r in served] == [200, 200] and all(r["request_id"] for r in served)
     assert served[-1]["steps"] == 25 and served[-1]["generate_ms"] > 0
+
+
+def _smash_serve(artifact, *args, env=None, timeout=120) -> tuple[int, list[dict]]:
+    """Run ``smash-serve ARTIFACT ARGS`` to its exit: (status, its JSON log lines)."""
+    done = subprocess.run([_script("smash-serve"), str(artifact), "--device", "cpu", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return done.returncode, [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+
+
+def test_smash_serve_on_a_busy_port_exits_3_before_loading(artifact):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status, lines = _smash_serve(artifact, "--port", str(port))
+        assert status == 3, lines
+        # The same with an artifact that does not exist: the port is checked first, before any loading.
+        assert _smash_serve(artifact.parent / "missing", "--port", str(port))[0] == 3
+    [refusal] = [line for line in lines if line.get("event") == "cannot start"]
+    assert f"127.0.0.1:{port}" in refusal["error"] and refusal["exit_status"] == 3
+    assert not [line for line in lines if line.get("event") in ("starting", "ready")]
+    assert all("source" not in line for line in lines)  # source locations only with -v
+
+
+def test_smash_serve_refuses_warmup_shapes_beyond_its_limits(artifact):
+    status, lines = _smash_serve(artifact, "--port", str(free_port()), "--max-size", "16", "-v")
+    assert status == 2, lines
+    [refusal] = [line for line in lines if line.get("event") == "cannot start"]
+    assert "runtime.warmup.shapes[0]" in refusal["error"] and "16" in refusal["error"]
+    assert "--no-warmup" in refusal["error"]
+    assert refusal["source"].startswith("cli.py:")  # -v: each line says where it was logged
+
+
+def test_smash_serve_version_help_and_loudness(capsys):
+    from smash_runtime.server.cli import EXIT_CODES, build_parser, main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("smash-serve (smash-runtime) 0.")
+    text = build_parser().format_help()
+    for code, meaning in EXIT_CODES.items():
+        assert f"{code}  {meaning}" in text
+    assert {0, 1, 2, 3} <= set(EXIT_CODES)
+    with pytest.raises(SystemExit) as exited:
+        main(["art", "-q", "-v"])
+    assert exited.value.code == 2  # -q and -v exclude each other (argparse's usage error)
+    assert build_parser().parse_args(["art", "--model-alias", "a", "--model-alias", "b"]).model_aliases == ["a", "b"]
