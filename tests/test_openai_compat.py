@@ -358,3 +358,38 @@ def test_admission_counts_the_job_being_handed_to_the_worker():
         return results
 
     assert asyncio.run(scenario()) == [[b"png"]] * 3
+
+
+def test_sdxl_edits_image_to_image_and_inpainting(one_thread):
+    """SDXL's image-to-image pipeline takes no height/width: the server resizes the image instead."""
+    sdxl, reference = build_tiny("tiny-sdxl"), build_tiny("tiny-sdxl")
+    for p in (sdxl, reference):
+        p.set_progress_bar_config(disable=True)
+    settings = ServerSettings(warmup=False, **LIMITS)
+    source = png_of((120, 40, 200), size=(40, 40))
+    mask = Image.new("RGBA", (40, 40), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (8, 8, 24, 24))
+    mask_png = io.BytesIO()
+    mask.save(mask_png, format="PNG")
+    with LiveServer(create_app(lambda: (sdxl, {"name": "tiny-sdxl"}), settings)) as live:
+        wait_ready(live.port)
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        extra = {"seed": 1, "num_inference_steps": 4, "strength": 0.5}
+        edited = client.images.edit(image=("a.png", source, "image/png"), prompt="a hat", size="32x32", extra_body=extra)
+        inpainted = client.images.edit(image=("a.png", source, "image/png"), mask=("m.png", mask_png.getvalue(), "image/png"),
+                                       prompt="a hat", size="32x32", extra_body=extra)
+        pipes = live.app.state.smash.edit_pipes
+        assert {k: type(v).__name__ for k, v in pipes.items()} == {
+            "edit": "StableDiffusionXLImg2ImgPipeline", "inpaint": "StableDiffusionXLInpaintPipeline"}
+        assert all(v.unet is sdxl.unet for v in pipes.values())
+    resized = Image.open(io.BytesIO(source)).convert("RGB").resize((32, 32), Image.Resampling.LANCZOS)
+    repaint = Image.new("L", (40, 40), 0)
+    repaint.paste(255, (8, 8, 24, 24))
+    repaint = repaint.resize((32, 32), Image.Resampling.LANCZOS)
+    expected_edit = generate(AutoPipelineForImage2Image.from_pipe(reference), "a hat", seed=1, steps=4, strength=0.5,
+                             image=resized)[0]
+    expected_inpaint = generate(AutoPipelineForInpainting.from_pipe(reference), "a hat", seed=1, steps=4, strength=0.5,
+                                height=32, width=32, image=resized, mask_image=repaint)[0]
+    assert base64.b64decode(edited.data[0].b64_json) == encode_png(expected_edit)
+    assert base64.b64decode(inpainted.data[0].b64_json) == encode_png(expected_inpaint)
+    assert expected_edit.size == (32, 32)
