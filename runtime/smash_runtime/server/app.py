@@ -312,35 +312,8 @@ def create_app(
             raise ApiError(400, "image: required; send the picture to edit as a multipart file",
                            param="image", code="missing_required_parameter")
         info = _admit(state, req)
-        task = "inpaint" if "mask" in files else "edit"
-        if task not in state.edit_pipes:
-            param = "mask" if task == "inpaint" else "image"
-            raise ApiError(400, f"{param}: {state.edit_unavailable.get(task, 'not supported')}; "
-                           + ("send the image without a mask for image-to-image" if task == "inpaint" else
-                              "this model serves only /v1/images/generations"),
-                           param=param, code="unsupported_parameter")
-        max_side = 4 * settings.max_size
-        image = decode_upload(files["image"], "image", max_side=max_side)
-        mask = decode_mask(files["mask"], size=image.size, max_side=max_side) if task == "inpaint" else None
-        accepts, default_steps = _call_signature(state.edit_pipes[task])
-        if req.size in (None, "auto"):  # the image's own size, rounded down to what the pipeline takes
-            m = info.size_multiple
-            size = f"{image.width // m * m}x{image.height // m * m}"
-            width, height = _default_size(size, info, settings, "the uploaded image's size, rounded down")
-        else:
-            width, height = parse_size(req.size, multiple=info.size_multiple, settings=settings)
-        params = _params(req, state, info, accepts, default_steps, width=width, height=height)
-        strength = req.strength if req.strength is not None else _default_of(state.edit_pipes[task], "strength")
-        steps = params.steps if params.steps is not None else default_steps
-        if strength is not None and steps is not None and int(steps * strength) < 1:
-            raise ApiError(400, f"strength: {strength} x {steps} steps leaves no denoising step; raise strength "
-                           "or num_inference_steps so that their product is at least 1", param="strength",
-                           code="invalid_value")
-        resample = Image.Resampling.LANCZOS
-        params = dataclasses.replace(
-            params, task=task, strength=req.strength, image=image.convert("RGB").resize((width, height), resample),
-            mask=None if mask is None else mask.resize((width, height), resample),
-        )
+        # Decoding and resizing an upload takes a while for large pictures: keep it off the event loop.
+        params = await asyncio.to_thread(_edit_params, req, files, state, info)
         return await _answer(request, state, req, params)
 
     return app
@@ -362,6 +335,41 @@ def _admit(state: ServerState, req: Any) -> PipelineInfo:
         raise ApiError(503, f"the model is not ready (status: {state.status}); poll /ready",
                        code="not_ready", headers={"Retry-After": "5"})
     return state.info
+
+
+def _edit_params(req: Any, files: dict[str, bytes], state: ServerState, info: PipelineInfo) -> GenerationParams:
+    """An edit request as generation settings: image-to-image, or inpainting when a mask came."""
+    settings = state.settings
+    task = "inpaint" if "mask" in files else "edit"
+    if task not in state.edit_pipes:
+        param = "mask" if task == "inpaint" else "image"
+        raise ApiError(400, f"{param}: {state.edit_unavailable.get(task, 'not supported')}; "
+                       + ("send the image without a mask for image-to-image" if task == "inpaint" else
+                          "this model serves only /v1/images/generations"),
+                       param=param, code="unsupported_parameter")
+    max_side = 4 * settings.max_size
+    image = decode_upload(files["image"], "image", max_side=max_side)
+    mask = decode_mask(files["mask"], size=image.size, max_side=max_side) if task == "inpaint" else None
+    pipe = state.edit_pipes[task]
+    accepts, default_steps = _call_signature(pipe)
+    if req.size in (None, "auto"):  # the image's own size, rounded down to what the pipeline takes
+        m = info.size_multiple
+        size = f"{image.width // m * m}x{image.height // m * m}"
+        width, height = _default_size(size, info, settings, "the uploaded image's size, rounded down")
+    else:
+        width, height = parse_size(req.size, multiple=info.size_multiple, settings=settings)
+    params = _params(req, state, info, accepts, default_steps, width=width, height=height)
+    strength = req.strength if req.strength is not None else _default_of(pipe, "strength")
+    steps = params.steps if params.steps is not None else default_steps
+    if strength is not None and steps is not None and int(steps * strength) < 1:
+        raise ApiError(400, f"strength: {strength} x {steps} steps leaves no denoising step; raise strength "
+                       "or num_inference_steps so that their product is at least 1", param="strength",
+                       code="invalid_value")
+    resample = Image.Resampling.LANCZOS
+    return dataclasses.replace(
+        params, task=task, strength=req.strength, image=image.convert("RGB").resize((width, height), resample),
+        mask=None if mask is None else mask.resize((width, height), resample),
+    )
 
 
 def _default_size(size: str, info: PipelineInfo, settings: ServerSettings, origin: str) -> tuple[int, int]:
