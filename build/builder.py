@@ -33,6 +33,7 @@ from .exporters.artifact import (
     write_artifact,
     write_component,
 )
+from .lora import fuse_loras
 from .manifest import Manifest
 from .model_card import render_model_card
 from .sources import DTYPES, SourceRef, denoiser_name, load_pipeline, materialize_builtin, resolve_source
@@ -98,14 +99,17 @@ def check_runtime_settings(manifest: Manifest, component_names) -> None:
         raise exc.with_prefix("runtime.cacher") from None
 
 
-def _record(manifest: Manifest, target: Path, source: SourceRef, names: list[str], changes: list[ComponentChange]) -> dict:
+def _record(manifest: Manifest, source: SourceRef, names: list[str], changes: list[ComponentChange],
+            loras: list[dict] | None = None) -> dict:
+    # Nothing here may depend on the output folder: the same build into a/ and b/ is byte-identical.
     b = manifest.build
+    lora = {"lora": loras} if loras else {}  # recorded only when used: LoRA-free artifacts keep their bytes
     return {
-        "name": target.name,
         "source": source.record(),
         "dtype": manifest.model.dtype,
         "transforms": {
-            "order": ["fuse_qkv", "quantize"],
+            **lora,
+            "order": (["lora"] if loras else []) + ["fuse_qkv", "quantize"],
             "components": names,
             "fuse_qkv": bool(b.fuse_qkv),
             "quantize": (
@@ -143,6 +147,10 @@ def build(
     if source.folder is None:
         source = materialize_builtin(source, spec.dtype)
     if _wants_streaming(source, manifest.build.streaming):
+        if manifest.build.lora:
+            raise SettingsError("build.lora", manifest.build.lora[0].source,
+                                "the source is too large for the in-memory build, and the streaming build does "
+                                "not fuse LoRAs", "set build.streaming = false if the machine has the memory")
         return _build_streaming(manifest, source, target, step, max_shard_bytes, progress)
     return _build_in_memory(manifest, source, target, step, max_shard_bytes)
 
@@ -161,6 +169,7 @@ def _build_in_memory(manifest, source, target, step, max_shard_bytes) -> BuildRe
     names = list(spec.components or [denoiser_name(pipe)])
     _check_targets(names, [n for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)])
     check_runtime_settings(manifest, pipe.components)
+    loras = fuse_loras(pipe, b.lora, step)
 
     changes, extras = [], {}
     for name in names:
@@ -181,7 +190,7 @@ def _build_in_memory(manifest, source, target, step, max_shard_bytes) -> BuildRe
 
     step(f"writing artifact to {target}")
     artifact = write_artifact(
-        target, _record(manifest, target, source, names, changes), type(pipe).__name__, dict(pipe.config),
+        target, _record(manifest, source, names, changes, loras), type(pipe).__name__, dict(pipe.config),
         in_memory_writers(pipe, extras, max_shard_bytes),
         model_card=render_model_card, on_component=lambda n: step(f"writing {n}"),
     )
@@ -237,7 +246,7 @@ def _build_streaming(manifest, source, target, step, max_shard_bytes, progress) 
 
     writers = {n: (model_writer(n) if n in models else plain_writer(n)) for n in sorted(entries)}
     artifact = write_artifact(
-        target, _record(manifest, target, source, names, []), index["_class_name"], index, writers,
+        target, _record(manifest, source, names, []), index["_class_name"], index, writers,
         model_card=render_model_card, finalize=lambda full: _add_reports(full, changes, b),
     )
     for change in changes.values():

@@ -100,8 +100,10 @@ def build_cmd(manifest, out_dir, run_evaluate, push, image_tag):
             evaluate_after_build(result, spec)
         if push:
             from .exporters.hub import format_publish_result, publish_from_manifest
+            from .model_card import card_for_repo
 
-            click.echo(format_publish_result(publish_from_manifest(result.artifact.path, spec.publish_hub)))
+            click.echo(format_publish_result(publish_from_manifest(result.artifact.path, spec.publish_hub,
+                                                                   card=card_for_repo)))
         if image_tag or recorded.get("push"):
             _build_image(result.artifact.path, image_spec)
     except SmashError as exc:
@@ -160,7 +162,8 @@ def validate(manifest):
     click.echo(f"{manifest}: valid")
     click.echo(f"  source: {spec.model.source} ({spec.model.dtype})")
     q = spec.build.quantize
-    click.echo(f"  bake: fuse_qkv={spec.build.fuse_qkv}, quantize={q.method if q else None}")
+    loras = ", ".join(f"{lora.source} x{lora.scale:g}" for lora in spec.build.lora) or None
+    click.echo(f"  bake: lora={loras}, fuse_qkv={spec.build.fuse_qkv}, quantize={q.method if q else None}")
     click.echo(f"  runtime: cacher={json.dumps(spec.runtime.cacher)}, compiler={json.dumps(spec.runtime.compiler)}")
     click.echo(f"  output: {spec.output.dir}")
 
@@ -173,12 +176,16 @@ def validate(manifest):
 @click.option("-m", "--message", default=None, help="Commit message.")
 @click.option("--dry-run", is_flag=True, help="Verify and list what would be uploaded; no token, no network.")
 def publish(artifact, repo, revision, private, message, dry_run):
-    """Verify ARTIFACT and upload it to the Hugging Face Hub in one commit (token: HF_TOKEN or `hf auth login`)."""
+    """Verify ARTIFACT and upload it to the Hugging Face Hub in one commit (token: HF_TOKEN or `hf auth login`).
+
+    The model card is rewritten for the repo (its snippet loads ORG/NAME@REVISION) unless it was edited by hand.
+    """
     from .exporters.hub import format_publish_result, publish_artifact
+    from .model_card import card_for_repo
 
     try:
         result = publish_artifact(artifact, repo, private=private, revision=revision, commit_message=message,
-                                  dry_run=dry_run)
+                                  dry_run=dry_run, card=card_for_repo)
     except SmashError as exc:
         _fail(exc)
     click.echo(format_publish_result(result))

@@ -39,6 +39,7 @@ import copy
 import dataclasses
 import fnmatch
 import json
+import math
 import os
 import re
 import sys
@@ -61,6 +62,7 @@ __all__ = [
     "MANIFEST_VERSION",
     "QUANTIZE_METHODS",
     "BuildSpec",
+    "LoraSpec",
     "Manifest",
     "ManifestError",
     "ModelSpec",
@@ -111,8 +113,9 @@ _NOT_MODULES = ("Tokenizer", "Scheduler", "FeatureExtractor", "ImageProcessor", 
 _SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "": ("manifest_version", "model", "build", "runtime", "output", "evaluate", "publish"),
     "model": ("source", "revision", "dtype", "components"),
-    "build": ("fuse_qkv", "quantize", "streaming"),
+    "build": ("fuse_qkv", "quantize", "streaming", "lora"),
     "build.quantize": ("method", "exclude"),
+    "build.lora": ("source", "weight_name", "scale", "revision"),
     "runtime": ("cacher", "compiler", "warmup"),
     "output": ("dir",),
     "evaluate": (),  # the evaluation's own settings fields, see _section_keys
@@ -221,8 +224,32 @@ class QuantizeSpec:
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """One ``[build] lora`` entry: a LoRA fused into the weights before QKV fusion and quantization.
+
+    ``source`` is kept as written (it is what smash.json records); ``file`` is the resolved local
+    ``.safetensors`` file, None for a Hub source (downloaded at build time, ``revision`` pinned
+    to a commit then). ``weight_name`` is the file's name inside the folder or Hub repo::
+
+        lora = [{ source = "loras/style.safetensors", scale = 0.8 },
+                { source = "org/flux-lora", weight_name = "lora.safetensors", revision = "v1" }]
+    """
+
+    source: str
+    weight_name: str
+    scale: float = 1.0
+    revision: str | None = None
+    file: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"local"`` or ``"hub"``."""
+        return "local" if self.file is not None else "hub"
+
+
+@dataclass(frozen=True)
 class BuildSpec:
-    """``[build]``: transforms baked into the weights, in the order fuse, then quantize.
+    """``[build]``: transforms baked into the weights, in the order LoRA, fuse, then quantize.
 
     ``streaming`` None means: the builder decides from the component's size.
     """
@@ -230,6 +257,7 @@ class BuildSpec:
     fuse_qkv: bool = False
     quantize: QuantizeSpec | None = None
     streaming: bool | None = None
+    lora: tuple[LoraSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -582,7 +610,7 @@ def _validate(raw: dict, base: Path, p: _Problems, path: Path | None, stem: str 
         model_table = _table(p, "model", raw["model"])
         if model_table is not None:
             model, family = _model(p, model_table, base)
-    build = _build(p, _table(p, "build", raw.get("build", {})) or {})
+    build = _build(p, _table(p, "build", raw.get("build", {})) or {}, base)
     runtime = _runtime(p, raw.get("runtime", {}), family)
     output = _output(p, _table(p, "output", raw.get("output", {})) or {}, base, stem, model)
 
@@ -709,9 +737,7 @@ def _source(p: _Problems, text: str, base: Path):
 
     folder = Path(os.path.expanduser(text))
     folder = folder if folder.is_absolute() else base / folder
-    looks_local = (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
-                   or (text.count("/") == 0 and "@" not in text))
-    if folder.exists() or looks_local:
+    if folder.exists() or _looks_local(text):
         return _local_source(p, text, folder)
 
     repo, _, at_revision = text.partition("@")
@@ -723,6 +749,12 @@ def _source(p: _Problems, text: str, base: Path):
     if at_revision and _revision(p, key, at_revision) is None:
         return None, None, None, None
     return "hub", repo, None, at_revision or None
+
+
+def _looks_local(text: str) -> bool:
+    """Whether a source that does not exist was meant as a path rather than a Hub id ``org/name``."""
+    return (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+            or (text.count("/") == 0 and "@" not in text))
 
 
 def _local_source(p: _Problems, text: str, folder: Path):
@@ -762,7 +794,7 @@ def _local_source(p: _Problems, text: str, folder: Path):
     return "local", str(folder.resolve()), transformable, None
 
 
-def _build(p: _Problems, t: dict) -> BuildSpec | None:
+def _build(p: _Problems, t: dict, base: Path) -> BuildSpec | None:
     ok = True
     fuse = False
     if "fuse_qkv" in t:
@@ -795,7 +827,103 @@ def _build(p: _Problems, t: dict) -> BuildSpec | None:
             p.bad("build.quantize", value, "must be a method name (\"int8wo\"), \"none\" or a table "
                                            "{ method = ..., exclude = [...] }, got " + _type_name(value))
             ok = False
-    return BuildSpec(fuse_qkv=fuse, quantize=quantize, streaming=streaming) if ok else None
+
+    lora: tuple[LoraSpec, ...] | None = ()
+    if "lora" in t:
+        lora = _loras(p, t["lora"], base)
+        ok &= lora is not None
+        if lora and streaming:
+            p.bad("build.streaming", True, "cannot be combined with build.lora: the streaming build does not "
+                                           "fuse LoRAs", "set build.streaming = false or leave it out")
+            ok = False
+    return BuildSpec(fuse_qkv=fuse, quantize=quantize, streaming=streaming, lora=lora or ()) if ok else None
+
+
+# diffusers' own default file name for a LoRA in a folder or Hub repo (load_lora_weights).
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+_LORA_FORM = "{ source = \"file, folder or org/name\", weight_name = \"...\", scale = 1.0 }"
+
+
+def _loras(p: _Problems, value: object, base: Path) -> tuple[LoraSpec, ...] | None:
+    """``[build] lora``: a list of LoRA tables (a single table is taken as a list of one)."""
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        p.bad("build.lora", value, f"must be a list of tables [{_LORA_FORM}, ...], got {_type_name(value)}")
+        return None
+    start = len(p.items)
+    specs = [_lora(p, f"build.lora[{i}]", entry, base) for i, entry in enumerate(value)]
+    return tuple(s for s in specs if s is not None) if len(p.items) == start else None
+
+
+def _lora(p: _Problems, key: str, t: object, base: Path) -> LoraSpec | None:
+    if not isinstance(t, dict):
+        p.bad(key, t, f"must be a table {_LORA_FORM}, got {_type_name(t)}")
+        return None
+    start = len(p.items)
+    allowed = _SECTION_KEYS["build.lora"]
+    for name in t:
+        if name not in allowed:
+            hint = did_you_mean(name, allowed)
+            p.add(f"{key}.{name}", f"{key}.{name}: unknown key in a LoRA table; allowed keys: {', '.join(allowed)}"
+                  + (f" ({hint})" if hint else ""))
+    scale = 1.0
+    if "scale" in t:
+        value = t["scale"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            p.bad(f"{key}.scale", value, "must be a finite number: the LoRA's strength (1.0 = as trained)")
+        else:
+            scale = float(value)
+    weight_name = None
+    if "weight_name" in t:
+        weight_name = _str(p, f"{key}.weight_name", t["weight_name"], "a .safetensors file name")
+        if weight_name is not None and (not weight_name.endswith(".safetensors") or weight_name.startswith("/")
+                                        or ".." in weight_name.split("/")):
+            p.bad(f"{key}.weight_name", weight_name, "must be a relative .safetensors file name inside the "
+                                                     "folder or Hub repo (LoRAs load from safetensors only)")
+            weight_name = None
+    if "source" not in t:
+        p.add(f"{key}.source", f"{key}.source is missing: a .safetensors file, a folder holding one, "
+                               "or a Hub repo id \"org/name\"")
+        return None
+    source = _str(p, f"{key}.source", t["source"], "a .safetensors file, a folder or a Hub repo id \"org/name\"")
+    if source is None:
+        return None
+    path = _resolve(base, source)
+    file = revision = None
+    if path.is_file():
+        if weight_name is not None and weight_name != path.name:
+            p.bad(f"{key}.weight_name", weight_name, f"applies to folder and Hub sources; {source!r} is a file",
+                  "remove weight_name")
+        if path.suffix != ".safetensors":
+            p.bad(f"{key}.source", source, "must be a .safetensors file (LoRAs load from safetensors only, "
+                                           "never from pickled .bin/.pt files)")
+        file, weight_name = path, path.name
+    elif path.is_dir():
+        weight_name = weight_name or LORA_WEIGHT_NAME
+        file = path / weight_name
+        if not file.is_file():
+            found = sorted(f.relative_to(path).as_posix() for f in path.rglob("*.safetensors"))[:10]
+            p.bad(f"{key}.weight_name", weight_name, f"no such file in {path}; it holds "
+                  + (", ".join(found) if found else "no .safetensors files"),
+                  "set weight_name to the LoRA's file name" if found else None)
+    elif _looks_local(source):
+        p.add(f"{key}.source", f"{key}.source = {source!r}: no such file or folder ({path}); a local LoRA is a "
+                               ".safetensors file or a folder holding one (relative to the manifest's folder)")
+    else:
+        repo, _, at = source.partition("@")
+        if _repo_id(p, f"{key}.source", repo, "a Hub repo id \"org/name\" (or an existing local file)") is not None:
+            if at and "revision" in t:
+                p.bad(f"{key}.revision", t["revision"], f"conflicts with the revision {at!r} given in the source; "
+                                                        "give it in one place")
+            revision = _revision(p, f"{key}.source" if at else f"{key}.revision", at or t.get("revision", "main"))
+            source, weight_name = repo, weight_name or LORA_WEIGHT_NAME
+    if "revision" in t and file is not None:
+        p.bad(f"{key}.revision", t["revision"], "applies to Hub sources only", "remove it")
+    if len(p.items) > start or weight_name is None:
+        return None
+    return LoraSpec(source=source if file is None else str(t["source"]), weight_name=weight_name, scale=scale,
+                    revision=revision, file=file)
 
 
 def _quantize(p: _Problems, t: dict) -> QuantizeSpec | None:
@@ -1165,7 +1293,16 @@ def manifest_json_schema() -> dict:
             "quantize": {"anyOf": [{"enum": [*QUANTIZE_METHODS, "none"]}, quantize_table]},
             "streaming": {"anyOf": [boolean, {"const": "auto"}], "default": "auto",
                           "description": "build one block at a time with bounded memory; auto = by size"},
-        }, description="transforms baked into the weights (fuse, then quantize)"),
+            "lora": {"type": "array", "description": "LoRAs fused into the weights, in order, before QKV fusion",
+                     "items": table({
+                         "source": {**string, "description": "a .safetensors file, a folder (relative to this "
+                                                             "file) or a Hub repo id org/name[@revision]"},
+                         "weight_name": {"type": "string", "pattern": r"\.safetensors$",
+                                         "default": LORA_WEIGHT_NAME},
+                         "scale": {"type": "number", "default": 1.0},
+                         "revision": {**string, "default": "main", "description": "Hub sources only"},
+                     }, ("source",))},
+        }, description="transforms baked into the weights (LoRA, fuse, then quantize)"),
         "runtime": table({
             "cacher": _runtime_schema("cachers"),
             "compiler": _runtime_schema("compilers"),

@@ -5,39 +5,61 @@
     >>> card = render_model_card(manifest, table, evaluation=results)   # after `smash-build evaluate`
 
 The YAML front matter follows the Hub's model card metadata: ``library_name: diffusers``,
-``pipeline_tag``, ``license`` (from the source), ``tags``, and ``base_model`` with
-``base_model_relation: quantized`` when the source is a Hub model and the weights were quantized.
-Built-in tiny models and local folders have no Hub id, so they get no ``base_model``.
+``pipeline_tag``, ``license``/``license_name``/``license_link`` (from the base model's card),
+``tags``, and ``base_model`` with ``base_model_relation: quantized`` when the source is a Hub model
+and the weights were quantized (``finetune`` when a LoRA was fused in). Built-in tiny models and
+local folders have no Hub id, so they get no ``base_model``. Nothing in the card depends on the
+output folder; ``card_for_repo`` rewrites the load snippet for the repo it is published to.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
+STANDARD_TAGS = ("diffusers", "text-to-image")  # what the Hub filters diffusion models on
+
+
 def front_matter(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The card's metadata as a dict (rendered as YAML between ``---`` lines)."""
+    """The card's metadata as a dict (rendered as YAML between ``---`` lines).
+
+    License fields and the pipeline tag are carried over from the base model's card; tags are the
+    Hub's standard ones (``diffusers``, ``torchao``, ``text-to-image``, the base's pipeline tag)
+    followed by smash-build's own.
+    """
     source = manifest.get("source") or {}
     transforms = manifest.get("transforms") or {}
     runtime = manifest.get("runtime") or {}
     base = source.get("id") or ""
     quant = transforms.get("quantize") or {}
-    tags = ["smash-build", "diffusers", "text-to-image"]
+    pipeline_tag = source.get("pipeline_tag") or "text-to-image"
+    tags = list(STANDARD_TAGS)
+    if quant:
+        tags.insert(1, "torchao")
+    if pipeline_tag not in tags:
+        tags.append(pipeline_tag)
+    tags.append("smash-build")
     if quant:
         tags.append(f"torchao-{quant.get('method')}")
     if transforms.get("fuse_qkv"):
         tags.append("qkv-fused")
+    if transforms.get("lora"):
+        tags.append("lora-fused")
     if runtime.get("cacher"):
         tags.append(f"cache-{runtime['cacher'].get('name')}")
-    meta: dict[str, Any] = {"library_name": "diffusers", "pipeline_tag": "text-to-image"}
+    meta: dict[str, Any] = {"library_name": "diffusers", "pipeline_tag": pipeline_tag}
     if _is_hub_id(base):
         meta["base_model"] = base
-        if quant:
+        if transforms.get("lora"):
+            meta["base_model_relation"] = "finetune"  # a LoRA fused in: the weights are no longer the base's
+        elif quant:
             meta["base_model_relation"] = "quantized"
-    if source.get("license"):
-        meta["license"] = source["license"]
+    for key in ("license", "license_name", "license_link"):
+        if source.get(key):
+            meta[key] = source[key]
     meta["tags"] = tags
     return meta
 
@@ -98,11 +120,49 @@ def _evaluation_section(results_table: str, evaluation: dict[str, Any] | None) -
     return lines
 
 
+def title(manifest: dict[str, Any]) -> str:
+    """The card's title, from the source (never from the output folder: artifacts must not depend on it)."""
+    source_id = (manifest.get("source") or {}).get("id") or "model"
+    name = source_id.split(":", 1)[1] if source_id.startswith("builtin:") else source_id.rstrip("/").split("/")[-1]
+    return f"{name} (smash-build)"
+
+
+def _load_lines(manifest: dict[str, Any], repo_id: str | None, revision: str | None) -> list[str]:
+    runtime_version = (manifest.get("versions") or {}).get("smash-runtime")
+    where = f"{repo_id}@{revision or 'main'}" if repo_id else "path/to/this/folder"
+    note = "" if repo_id else "  # or ORG/NAME@REVISION once published to the Hub"
+    return [
+        "```bash",
+        f'pip install "smash-runtime=={runtime_version}"' if runtime_version else "pip install smash-runtime",
+        "```",
+        "",
+        "```python",
+        "import smash_runtime, torch",
+        f'pipe = smash_runtime.load("{where}"){note}',
+        'image = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0)).images[0]',
+        "```",
+    ]
+
+
+def _lora_lines(transforms: dict[str, Any]) -> list[str]:
+    loras = transforms.get("lora") or []
+    if not loras:
+        return []
+    lines = ["- LoRAs fused before QKV fusion and quantization (in order):"]
+    for lora in loras:
+        at = f"@{lora['commit']}" if lora.get("commit") else ""
+        file = "" if lora["source"].endswith(lora["weight_name"]) else f" / `{lora['weight_name']}`"
+        lines.append(f"  - `{lora['source']}{at}`{file}, scale {lora['scale']:g}, sha256 `{lora['sha256']}`")
+    return lines
+
+
 def render_model_card(manifest: dict[str, Any], results_table: str | None = None,
-                      evaluation: dict[str, Any] | None = None) -> str:
+                      evaluation: dict[str, Any] | None = None, *, repo_id: str | None = None,
+                      revision: str | None = None) -> str:
     """Markdown with YAML front matter for the artifact ``manifest`` (smash.json's content).
 
     ``results_table`` (markdown) and ``evaluation`` (results.json's content) add the evaluation section.
+    ``repo_id`` and ``revision`` (the Hub repo and branch it is published to) go into the load snippet.
     """
     source = manifest.get("source") or {}
     transforms = manifest.get("transforms") or {}
@@ -111,27 +171,23 @@ def render_model_card(manifest: dict[str, Any], results_table: str | None = None
     quant = transforms.get("quantize") or {}
     front = "---\n" + _yaml(front_matter(manifest)) + "---\n"
 
-    name = manifest.get("name", "artifact")
-    revision = f" at commit `{source['commit']}`" if source.get("commit") else ""
+    at_commit = f" at commit `{source['commit']}`" if source.get("commit") else ""
     lines = [
-        f"# {name}",
+        f"# {title(manifest)}",
         "",
-        f"An optimized build of `{base}`{revision} made with smash-build. What changes weights "
+        f"An optimized build of `{base}`{at_commit} made with smash-build. What changes weights "
         "is baked into this artifact; caching and compilation are applied by the runtime at load.",
         "",
         "## Load",
         "",
-        "```python",
-        "import smash_runtime, torch",
-        f'pipe = smash_runtime.load("{name}")  # a local folder or ORG/NAME on the Hub',
-        'image = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0)).images[0]',
-        "```",
+        *_load_lines(manifest, repo_id, revision),
         "",
         "Plain `DiffusionPipeline.from_pretrained` cannot read fused or quantized components "
         "(it would silently re-initialise them); use `smash_runtime.load`.",
         "",
         "## Baked into the weights",
         "",
+        *_lora_lines(transforms),
         f"- Components transformed: {', '.join(transforms.get('components') or []) or 'none'}",
         f"- QKV fusion: {'yes' if transforms.get('fuse_qkv') else 'no'}",
         f"- Quantization: {quant.get('method', 'none')}"
@@ -148,3 +204,24 @@ def render_model_card(manifest: dict[str, Any], results_table: str | None = None
     if results_table:
         lines += _evaluation_section(results_table, evaluation)
     return front + "\n" + "\n".join(lines)
+
+
+def card_for_repo(root: Path, manifest: dict[str, Any], repo_id: str, revision: str) -> str | None:
+    """The card of the artifact at ``root`` rewritten for Hub repo ``repo_id`` at branch ``revision``.
+
+    None when README.md is not the card smash-build wrote (edited by hand): a person's edits are
+    published as they are. What ``smash-build publish`` passes to the Hub publisher::
+
+        >>> publish_artifact("dist/tiny-flux", "org/tiny-flux", card=card_for_repo)
+    """
+    body = {k: v for k, v in manifest.items() if k != "files"}
+    table = evaluation = None
+    if "eval/results.json" in manifest.get("files", {}):
+        from .evaluate.report import format_cell, load_results
+
+        evaluation = load_results(root)
+        table = results_table_markdown(evaluation["summary"], format_cell)
+    readme = Path(root) / "README.md"
+    if not readme.is_file() or readme.read_text(encoding="utf-8") != render_model_card(body, table, evaluation):
+        return None
+    return render_model_card(body, table, evaluation, repo_id=repo_id, revision=revision)

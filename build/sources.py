@@ -10,7 +10,7 @@ import atexit
 import itertools
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,13 +38,38 @@ class SourceRef:
     commit: str | None = None
     license: str | None = None
     folder: Path | None = None
+    card: dict = field(default_factory=dict)  # the base model card's license_name, license_link, pipeline_tag
 
     @property
     def builtin(self) -> str | None:
         return self.id[len(BUILTIN_PREFIX):] if self.id.startswith(BUILTIN_PREFIX) else None
 
     def record(self) -> dict:
-        return {"id": self.id, "revision": self.revision, "commit": self.commit, "license": self.license}
+        return {"id": self.id, "revision": self.revision, "commit": self.commit, "license": self.license,
+                **{k: v for k, v in sorted(self.card.items()) if v is not None}}
+
+
+# Model card fields carried over from the base model's card into the artifact's card.
+CARD_FIELDS = ("license_name", "license_link", "pipeline_tag")
+
+
+def card_fields(metadata: dict) -> tuple[str | None, dict]:
+    """``(license, {license_name, license_link, pipeline_tag})`` from a model card's metadata."""
+    license_ = metadata.get("license")
+    return (license_ if isinstance(license_, str) else None,
+            {k: metadata[k] for k in CARD_FIELDS if isinstance(metadata.get(k), str)})
+
+
+def _local_card(folder: Path) -> tuple[str | None, dict]:
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None, {}
+    from huggingface_hub import metadata_load
+
+    try:
+        return card_fields(metadata_load(readme) or {})
+    except Exception:  # noqa: BLE001 - a broken card is the base model's problem, not a reason to stop the build
+        return None, {}
 
 
 def denoiser_name(pipeline) -> str:
@@ -61,19 +86,20 @@ def resolve_source(source: str, revision: str | None, base_dir: Path | None = No
     if source.startswith(BUILTIN_PREFIX):
         if source[len(BUILTIN_PREFIX):] not in TINY_MODELS:
             raise SourceError(f"model.source = {source!r}: unknown built-in; choose one of {sorted(TINY_MODELS)}")
-        return SourceRef(source, license="apache-2.0")
+        return SourceRef(source, license="apache-2.0", card={"pipeline_tag": "text-to-image"})
     folder = Path(source).expanduser()
     if not folder.is_absolute() and base_dir is not None:
         folder = base_dir / folder
     if folder.is_dir():
         if not (folder / "model_index.json").is_file():
             raise SourceError(f"model.source = {source!r}: {folder} has no model_index.json (not a diffusers pipeline folder)")
-        return SourceRef(str(folder), folder=folder)
-    commit, license_ = _resolve_hub_revision(source, revision or "main")
+        license_, card = _local_card(folder)
+        return SourceRef(str(folder), license=license_, folder=folder, card=card)
+    commit, (license_, card) = resolve_hub_revision(source, revision or "main")
     from huggingface_hub import snapshot_download
 
     snapshot = Path(snapshot_download(source, revision=commit, allow_patterns=SNAPSHOT_PATTERNS))
-    return SourceRef(source, revision or "main", commit, license_, snapshot)
+    return SourceRef(source, revision or "main", commit, license_, snapshot, card)
 
 
 _MATERIALIZED: dict[tuple[str, str], Path] = {}
@@ -93,7 +119,7 @@ def materialize_builtin(ref: SourceRef, dtype: str) -> SourceRef:
         atexit.register(shutil.rmtree, folder, True)
         build_tiny(ref.builtin, seed=0, dtype=DTYPES[dtype]).save_pretrained(folder)
         _MATERIALIZED[key] = folder
-    return SourceRef(ref.id, ref.revision, ref.commit, ref.license, folder)
+    return SourceRef(ref.id, ref.revision, ref.commit, ref.license, folder, ref.card)
 
 
 def load_pipeline(ref: SourceRef, dtype: str):
@@ -123,7 +149,8 @@ def _own_aligned_storage(module: torch.nn.Module) -> None:
             tensor.data = tensor.data.clone()
 
 
-def _resolve_hub_revision(repo_id: str, revision: str) -> tuple[str, str | None]:
+def resolve_hub_revision(repo_id: str, revision: str) -> tuple[str, tuple[str | None, dict]]:
+    """``(commit sha, (license, card fields))`` of a Hub repo at ``revision``, with clear errors."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -143,4 +170,6 @@ def _resolve_hub_revision(repo_id: str, revision: str) -> tuple[str, str | None]
             "or use a local folder as model.source"
         ) from exc
     card = info.card_data.to_dict() if getattr(info, "card_data", None) else {}
-    return info.sha, card.get("license")
+    if getattr(info, "pipeline_tag", None):
+        card.setdefault("pipeline_tag", info.pipeline_tag)
+    return info.sha, card_fields(card)

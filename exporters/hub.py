@@ -20,13 +20,15 @@ artifact, and scrubbed from every error message.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from smash_runtime.errors import ArtifactError, SettingsError, SmashError
-from smash_runtime.format import MANIFEST_FILE, read_manifest, verify_files
+from smash_runtime.format import MANIFEST_FILE, dumps_manifest, read_manifest, verify_files
 from smash_runtime.hub import parse_repo_ref, scrub
 
 logger = logging.getLogger("smash_build.hub")
@@ -59,11 +61,32 @@ class PublishResult:
         return sum(size for _, size in self.files)
 
 
-def _files_to_upload(root: Path, manifest: dict) -> tuple[list[tuple[str, int]], list[str]]:
+# Renders the artifact's card for a Hub repo: (artifact root, smash.json, repo id, branch) -> README.md
+# text, or None to publish the card as it is. smash_build.model_card.card_for_repo is the one the CLI passes.
+CardRenderer = Callable[[Path, dict, str, str], "str | None"]
+CARD_FILE = "README.md"
+
+
+def _files_to_upload(root: Path, manifest: dict, replaced: dict[str, bytes]) -> tuple[list[tuple[str, int]], list[str]]:
     listed = {MANIFEST_FILE: (root / MANIFEST_FILE).stat().st_size}
     listed.update({rel: entry["size"] for rel, entry in manifest["files"].items()})
+    listed.update({rel: len(data) for rel, data in replaced.items()})
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     return sorted(listed.items()), sorted(present - set(listed))
+
+
+def _card_for_repo(root: Path, manifest: dict, card: CardRenderer | None, repo_id: str,
+                   branch: str) -> dict[str, bytes]:
+    """README.md written for the repo, and smash.json listing that README: the files that replace the local ones."""
+    if card is None or CARD_FILE not in manifest["files"]:
+        return {}
+    text = card(root, manifest, repo_id, branch)
+    if text is None:
+        logger.info("%s was edited by hand: publishing it as it is", CARD_FILE)
+        return {}
+    data = text.encode("utf-8")
+    files = {**manifest["files"], CARD_FILE: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
+    return {CARD_FILE: data, MANIFEST_FILE: dumps_manifest({**manifest, "files": files}).encode("utf-8")}
 
 
 def _resolve_token(token: str | None) -> str:
@@ -110,6 +133,7 @@ def publish_artifact(
     commit_message: str | None = None,
     token: str | None = None,
     dry_run: bool = False,
+    card: CardRenderer | None = None,
 ) -> PublishResult:
     """Upload the artifact at ``path`` to Hub model repo ``repo_id`` in one commit.
 
@@ -122,6 +146,8 @@ def publish_artifact(
         commit_message: default ``"Publish smash-build artifact (N files)"``.
         token: a write token; default ``HF_TOKEN``, then the ``hf auth login`` cache.
         dry_run: verify and list what would be uploaded (with sizes); no token, no network.
+        card: renders README.md for ``repo_id`` (its load snippet names the repo and branch); the
+            uploaded ``smash.json`` then lists that README. The local folder is never changed.
 
     Returns:
         :class:`PublishResult` with the commit sha and URL (None for a dry run).
@@ -146,7 +172,8 @@ def publish_artifact(
         verify_files(root, manifest, mode="full")
     except ArtifactError as exc:
         raise ArtifactError(f"refusing to publish {root}: {exc}", file=exc.file) from exc
-    files, ignored = _files_to_upload(root, manifest)
+    replaced = _card_for_repo(root, manifest, card, repo_id, branch)
+    files, ignored = _files_to_upload(root, manifest, replaced)
     if ignored:
         logger.warning("not uploading %d file(s) that %s does not list: %s", len(ignored), MANIFEST_FILE,
                        ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
@@ -174,7 +201,8 @@ def publish_artifact(
         existing = set(api.list_repo_files(repo_id, revision=branch, repo_type="model"))
         keep = {rel for rel, _ in files} | _HUB_OWNED
         deleted = sorted(existing - keep)
-        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(root / rel)) for rel, _ in files]
+        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=replaced.get(rel, str(root / rel)))
+                      for rel, _ in files]
         operations += [CommitOperationDelete(path_in_repo=rel) for rel in deleted]
         step = "committing to"
         logger.info("publishing %d files (%d bytes) to %s@%s", len(files), sum(s for _, s in files), repo_id, branch)
@@ -195,12 +223,12 @@ def publish_artifact(
 
 
 def publish_from_manifest(path: str | os.PathLike, publish_hub: dict, *, dry_run: bool = False,
-                          token: str | None = None) -> PublishResult:
+                          token: str | None = None, card: CardRenderer | None = None) -> PublishResult:
     """Publish as the manifest's ``[publish.hub]`` table says (``repo``, ``private``, ``revision``,
     ``commit_message``): what ``smash-build MANIFEST --push`` calls after the build."""
     return publish_artifact(
         path, publish_hub["repo"], private=bool(publish_hub.get("private")), revision=publish_hub.get("revision"),
-        commit_message=publish_hub.get("commit_message"), token=token, dry_run=dry_run,
+        commit_message=publish_hub.get("commit_message"), token=token, dry_run=dry_run, card=card,
     )
 
 
