@@ -907,7 +907,11 @@ def _lora(p: _Problems, key: str, t: object, base: Path) -> LoraSpec | None:
             p.bad(f"{key}.weight_name", weight_name, f"no such file in {path}; it holds "
                   + (", ".join(found) if found else "no .safetensors files"),
                   "set weight_name to the LoRA's file name" if found else None)
-    elif _looks_local(source):
+    elif "://" in source or source.startswith(("huggingface.co/", "hf.co/")):
+        parts = source.split("://")[-1].strip("/").split("/")
+        p.bad(f"{key}.source", source, "must be a Hub repo id \"org/name\", not a URL",
+              f"give the id only, e.g. {parts[-2]}/{parts[-1]}" if len(parts) >= 3 else None)
+    elif _looks_local(source) or source.endswith(".safetensors"):
         p.add(f"{key}.source", f"{key}.source = {source!r}: no such file or folder ({path}); a local LoRA is a "
                                ".safetensors file or a folder holding one (relative to the manifest's folder)")
     else:

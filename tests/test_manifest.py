@@ -21,6 +21,7 @@ import pytest
 from smash_build.manifest import (
     BUILTIN_MODELS,
     BuildSpec,
+    LoraSpec,
     Manifest,
     ManifestError,
     ModelSpec,
@@ -218,6 +219,45 @@ def test_shorthands(tmp_path):
     assert m.build.quantize is None and m.runtime.compiler is None
 
 
+def test_lora_entries_resolve_files_folders_and_hub_ids(tmp_path):
+    (tmp_path / "loras" / "style").mkdir(parents=True)
+    (tmp_path / "loras" / "a.safetensors").write_bytes(b"")
+    (tmp_path / "loras" / "style" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (tmp_path / "loras" / "style" / "other.safetensors").write_bytes(b"")
+    m = _parse(TINY + '[build]\nfuse_qkv = true\nlora = [\n'
+               '  { source = "loras/a.safetensors", scale = 0.8 },\n'
+               '  { source = "loras/style" },\n'
+               '  { source = "loras/style", weight_name = "other.safetensors", scale = -1 },\n'
+               '  { source = "org/flux-lora@v1", weight_name = "sub/lora.safetensors" },\n'
+               '  { source = "org/sdxl-lora", revision = "abc123" },\n]\n', tmp_path)
+    assert m.build.lora == (
+        LoraSpec("loras/a.safetensors", "a.safetensors", 0.8, None, tmp_path / "loras" / "a.safetensors"),
+        LoraSpec("loras/style", "pytorch_lora_weights.safetensors", 1.0, None,
+                 tmp_path / "loras" / "style" / "pytorch_lora_weights.safetensors"),
+        LoraSpec("loras/style", "other.safetensors", -1.0, None, tmp_path / "loras" / "style" / "other.safetensors"),
+        LoraSpec("org/flux-lora", "sub/lora.safetensors", 1.0, "v1"),
+        LoraSpec("org/sdxl-lora", "pytorch_lora_weights.safetensors", 1.0, "abc123"),
+    )
+    assert [lora.kind for lora in m.build.lora] == ["local"] * 3 + ["hub"] * 2
+    # A single table is a list of one.
+    assert len(_parse(TINY + '[build.lora]\nsource = "org/x"\n', tmp_path).build.lora) == 1
+
+
+def test_lora_problems_name_the_entry_and_the_file(tmp_path):
+    (tmp_path / "style").mkdir()
+    (tmp_path / "style" / "weights.safetensors").write_bytes(b"")
+    (tmp_path / "lora.bin").write_bytes(b"")
+    with pytest.raises(ManifestError) as info:
+        _parse(TINY + '[build]\nlora = [{ source = "style" }, { source = "lora.bin" }, '
+               '{ source = "style/weights.safetensors", weight_name = "x.safetensors", revision = "main" }]\n', tmp_path)
+    text = str(info.value)
+    assert "build.lora[0].weight_name = 'pytorch_lora_weights.safetensors': no such file in" in text
+    assert "it holds weights.safetensors" in text
+    assert "build.lora[1].source = 'lora.bin': must be a .safetensors file" in text
+    assert "build.lora[2].weight_name = 'x.safetensors': applies to folder and Hub sources" in text
+    assert "build.lora[2].revision = 'main': applies to Hub sources only" in text
+
+
 def test_fp8_methods_are_recorded_not_refused(tmp_path):
     for method in ("fp8wo", "fp8dq"):
         assert _parse(TINY + f'[build]\nquantize = "{method}"\n', tmp_path).build.quantize.method == method
@@ -363,6 +403,14 @@ def validator():
 @pytest.mark.parametrize("name", ["tiny-flux", "tiny-sdxl", "flux-dev"])
 def test_schema_accepts_the_examples(validator, name):
     validator.validate(tomllib.loads((MANIFESTS / f"{name}.toml").read_text()))
+
+
+def test_schema_knows_lora_entries(validator):
+    good = tomllib.loads(TINY + '[build]\nlora = [{ source = "org/x", weight_name = "a.safetensors", scale = 0.5 }]\n')
+    validator.validate(good)
+    for bad in ('lora = [{ scale = 0.5 }]', 'lora = [{ source = "org/x", weight_name = "a.bin" }]',
+                'lora = [{ source = "org/x", strength = 1 }]', 'lora = "org/x"'):
+        assert list(validator.iter_errors(tomllib.loads(TINY + "[build]\n" + bad + "\n"))), bad
 
 
 @pytest.mark.parametrize("case", [
