@@ -495,3 +495,75 @@ def test_cli_build_publish_then_load_by_repo_id_is_bit_identical(hub, tmp_path):
     assert digests["smash/tiny-flux"][0] == digests[str(art)][0]
     assert_no_token(proc.stdout, proc.stderr, dry.stdout, dry.stderr, pub.stdout, pub.stderr, output,
                     folders=(art, cache))
+
+
+# --- the model card a Hub page shows ---------------------------------------------------------
+
+BASE_CARD = """---
+license: other
+license_name: flux-1-dev-non-commercial-license
+license_link: https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md
+pipeline_tag: text-to-image
+---
+# a base model
+"""
+
+
+@pytest.fixture(scope="module")
+def built_twice(tmp_path_factory, one_thread):
+    """One manifest built into two differently named folders; the source has a licensed model card."""
+    from smash_build.tiny_models import build_tiny
+    from spine_helpers import build_from_text, manifest_text
+
+    tmp = tmp_path_factory.mktemp("card")
+    source = tmp / "base"
+    build_tiny("tiny-flux").save_pretrained(source)
+    (source / "README.md").write_text(BASE_CARD)
+    text = manifest_text(str(source), fuse=True, method="int8wo")
+    return (build_from_text(text, tmp / "first-artifact").artifact.path,
+            build_from_text(text, tmp / "elsewhere" / "second-artifact").artifact.path)
+
+
+def test_builds_into_differently_named_folders_are_byte_identical(built_twice):
+    first, second = built_twice
+    assert first.name != second.name and tree_bytes(first) == tree_bytes(second)
+    assert first.name.encode() not in (first / "README.md").read_bytes() + (first / MANIFEST_FILE).read_bytes()
+
+
+def test_published_card_loads_the_repo_and_passes_hub_validation(client, hub, built_twice):
+    from huggingface_hub import ModelCard
+
+    from smash_build.model_card import card_for_repo
+
+    art = built_twice[0]
+    local = tree_bytes(art)
+    publish(art, "smash/carded", token=TOKEN, revision="v1", card=card_for_repo)
+    text = hub.files("smash/carded", "v1")["README.md"].decode()
+    card = ModelCard(text)
+    card.validate()  # the Hub's own check (POST /api/validate-yaml), here answered by the double
+    data = card.data
+    assert (data.license, data.license_name, data.license_link) == (
+        "other", "flux-1-dev-non-commercial-license",
+        "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md")
+    assert data.library_name == "diffusers" and data.pipeline_tag == "text-to-image"
+    assert data.tags[:3] == ["diffusers", "torchao", "text-to-image"] and "smash-build" in data.tags
+    assert 'smash_runtime.load("smash/carded@v1")' in text and 'pip install "smash-runtime==' in text
+    assert tree_bytes(art) == local, "publishing changed the local artifact"
+    # The published smash.json lists the published card: the repo loads as a verified artifact.
+    root = download_artifact("smash/carded@v1")
+    assert (root / "README.md").read_text() == text
+
+
+def test_a_hand_edited_card_is_published_as_it_is(client, hub, built_twice, tmp_path):
+    import shutil
+
+    from smash_build.exporters.artifact import refresh_file_table
+    from smash_build.model_card import card_for_repo
+
+    art = tmp_path / "edited"
+    shutil.copytree(built_twice[0], art)
+    edited = (art / "README.md").read_text() + "\nNotes written by a person.\n"
+    (art / "README.md").write_text(edited)
+    refresh_file_table(art)
+    publish(art, "smash/edited", token=TOKEN, card=card_for_repo)
+    assert hub.files("smash/edited")["README.md"].decode() == edited
