@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from smash_build.builder import BuildResult, build
 from smash_build.manifest import parse_manifest
@@ -82,3 +83,32 @@ def tree_hashes(root: Path) -> dict[str, str]:
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*")) if p.is_file()
     }
+
+
+# Modules the LoRAs adapt: attention projections (which QKV fusion later merges) and a few others.
+TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_k_proj", "attn1.to_q", "attn2.to_v", "ff.net.2",
+           "proj_out", "self_attn.q_proj")
+
+
+def lora_pairs(module: torch.nn.Module, seed: int, rank: int = 4):
+    """(module name, lora_A/down, lora_B/up) for every targeted Linear of ``module``, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    for name, layer in module.named_modules():
+        if isinstance(layer, torch.nn.Linear) and name.endswith(TARGETS):
+            down = torch.randn(rank, layer.in_features, generator=g) * 0.2
+            up = torch.randn(layer.out_features, rank, generator=g) * 0.2
+            yield name, down, up
+
+
+def write_peft_lora(pipe, path: Path, seed: int = 1, extra: dict | None = None) -> Path:
+    """A LoRA in the diffusers/peft format for ``pipe``'s denoiser (and SDXL's first text encoder)."""
+    prefixes = ["transformer"] if getattr(pipe, "transformer", None) is not None else ["unet", "text_encoder"]
+    state = {}
+    for prefix in prefixes:
+        for name, down, up in lora_pairs(getattr(pipe, prefix), seed):
+            state[f"{prefix}.{name}.lora_A.weight"] = down
+            state[f"{prefix}.{name}.lora_B.weight"] = up
+    state.update(extra or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, path)
+    return path

@@ -567,3 +567,28 @@ def test_a_hand_edited_card_is_published_as_it_is(client, hub, built_twice, tmp_
     refresh_file_table(art)
     publish(art, "smash/edited", token=TOKEN, card=card_for_repo)
     assert hub.files("smash/edited")["README.md"].decode() == edited
+
+
+def test_lora_from_the_hub_is_pinned_to_a_commit_and_recorded(client, hub, tmp_path):
+    import hashlib
+
+    pytest.importorskip("peft")
+    from huggingface_hub import HfApi
+
+    from smash_build.tiny_models import build_tiny
+    from spine_helpers import build_from_text, manifest_text, write_peft_lora
+
+    lora = write_peft_lora(build_tiny("tiny-flux"), tmp_path / "lora.safetensors")
+    api = HfApi(token=TOKEN)
+    api.create_repo("smash/flux-lora")
+    api.upload_file(path_or_fileobj=str(lora), path_in_repo="weights/lora.safetensors", repo_id="smash/flux-lora")
+    entry = 'lora = [{ source = "smash/flux-lora", weight_name = "weights/lora.safetensors", scale = 0.5 }]'
+    build_from_text(manifest_text().replace("[build]\n", f"[build]\n{entry}\n"), tmp_path / "art")
+    record = json.loads((tmp_path / "art" / MANIFEST_FILE).read_text())["transforms"]["lora"]
+    assert record == [{"source": "smash/flux-lora", "weight_name": "weights/lora.safetensors", "scale": 0.5,
+                       "revision": "main", "commit": hub.head("smash/flux-lora"),
+                       "sha256": hashlib.sha256(lora.read_bytes()).hexdigest()}]
+    wrong = entry.replace("weights/lora", "lora")
+    with pytest.raises(SettingsError, match=r"build.lora\[0\].weight_name = 'lora.safetensors': no such file"):
+        build_from_text(manifest_text().replace("[build]\n", f"[build]\n{wrong}\n"), tmp_path / "art2")
+    assert not (tmp_path / "art2").exists()

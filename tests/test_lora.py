@@ -1,6 +1,6 @@
 """LoRAs baked at build time: the artifact's image equals plain diffusers with the same LoRA fused.
 
-The LoRA files are written here for the tiny pipelines, in the formats real LoRAs use: the
+The LoRA files are written by code for the tiny pipelines (spine_helpers, and here for kohya), in the formats real LoRAs use: the
 diffusers/peft format (``transformer.…lora_A.weight``, ``unet.…lora_B.weight``, plus a text
 encoder part for SDXL) and kohya's (``lora_unet_…lora_down.weight`` with ``.alpha``), which
 diffusers converts itself. The reference is diffusers' own ``load_lora_weights`` +
@@ -25,44 +25,19 @@ import smash_runtime
 from smash_runtime.errors import SettingsError
 from smash_runtime.format import MANIFEST_FILE
 
-from spine_helpers import GEN, build_from_text, digests_in_fresh_process, image_digest, manifest_text, tree_hashes
+from spine_helpers import (GEN, build_from_text, digests_in_fresh_process, image_digest, lora_pairs, manifest_text,
+                           tree_hashes, write_peft_lora)
 
 pytest.importorskip("peft", reason="the LoRA extra: pip install 'smash-build[lora]'")
 
 SCALE = 0.8
 DENOISER = {"tiny-flux": "transformer", "tiny-sdxl": "unet"}
-# Modules the LoRAs adapt: attention projections (which QKV fusion later merges) and a few others.
-TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_k_proj", "attn1.to_q", "attn2.to_v", "ff.net.2",
-           "proj_out", "self_attn.q_proj")
-
-
-def _lora_pairs(module: torch.nn.Module, seed: int, rank: int = 4):
-    g = torch.Generator().manual_seed(seed)
-    for name, layer in module.named_modules():
-        if isinstance(layer, torch.nn.Linear) and name.endswith(TARGETS):
-            down = torch.randn(rank, layer.in_features, generator=g) * 0.2
-            up = torch.randn(layer.out_features, rank, generator=g) * 0.2
-            yield name, down, up
-
-
-def write_peft_lora(pipe, path: Path, seed: int = 1, extra: dict | None = None) -> Path:
-    """A LoRA in the diffusers/peft format for ``pipe``'s denoiser (and SDXL's first text encoder)."""
-    prefixes = ["transformer"] if getattr(pipe, "transformer", None) is not None else ["unet", "text_encoder"]
-    state = {}
-    for prefix in prefixes:
-        for name, down, up in _lora_pairs(getattr(pipe, prefix), seed):
-            state[f"{prefix}.{name}.lora_A.weight"] = down
-            state[f"{prefix}.{name}.lora_B.weight"] = up
-    state.update(extra or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, path)
-    return path
 
 
 def write_kohya_lora(unet: torch.nn.Module, path: Path, seed: int = 2, rank: int = 4) -> Path:
     """An SDXL LoRA in kohya's format (``lora_unet_<path with underscores>``, alpha per module)."""
     state = {}
-    for name, down, up in _lora_pairs(unet, seed, rank):
+    for name, down, up in lora_pairs(unet, seed, rank):
         key = "lora_unet_" + name.replace(".", "_")
         state[f"{key}.lora_down.weight"] = down
         state[f"{key}.lora_up.weight"] = up
