@@ -284,6 +284,18 @@ def test_evaluate_after_build_writes_results_samples_plots_and_card(tiny_flux_ev
     assert "![base vs optimized samples](eval/samples_grid.png)" in card
 
 
+def test_evaluated_card_is_rewritten_for_the_repo_with_its_results(tiny_flux_evaluation):
+    """The card publish uploads keeps the evaluation section and loads the repo instead of a folder."""
+    from smash_build.model_card import card_for_repo
+
+    out, _ = tiny_flux_evaluation
+    card = card_for_repo(out, read_manifest(out), "org/tiny-fast", "exp")
+    assert card is not None, "the card evaluate wrote was taken for a hand-edited one"
+    local = (out / "README.md").read_text()
+    assert 'smash_runtime.load("org/tiny-fast@exp")' in card and "org/tiny-fast" not in local
+    assert card.split("## Evaluation", 1)[1] == local.split("## Evaluation", 1)[1]
+
+
 def test_evaluate_command_no_transforms_no_cacher_is_identical(tmp_path):
     """`smash-build evaluate ARTIFACT`: an artifact with nothing baked and no cacher reproduces its base exactly."""
     from smash_build.builder import build
