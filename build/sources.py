@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import torch
 from smash_runtime.errors import SmashError
 
 from .tiny_models import TINY_MODELS, build_tiny
+
+logger = logging.getLogger("smash_build.sources")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUILTIN_PREFIX = "builtin:"
@@ -68,7 +71,8 @@ def _local_card(folder: Path) -> tuple[str | None, dict]:
 
     try:
         return card_fields(metadata_load(readme) or {})
-    except Exception:  # noqa: BLE001 - a broken card is the base model's problem, not a reason to stop the build
+    except Exception as exc:  # noqa: BLE001 - a broken card is the base model's problem, not a reason to stop
+        logger.warning("%s: cannot read its metadata (%s); the artifact's card gets no license", readme, exc)
         return None, {}
 
 

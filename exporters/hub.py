@@ -11,7 +11,9 @@ against its recorded sha256: a tampered or half-written artifact is refused befo
 network call. The repo is created if needed (``exist_ok``), the branch too, and everything
 goes in one commit through ``huggingface_hub`` (large files through LFS/Xet as the library
 decides); files of an earlier publish that the new artifact no longer has are deleted in
-that same commit, so the revision holds exactly one artifact.
+that same commit, so the revision holds exactly one artifact. With ``card=`` (the CLI passes
+``smash_build.model_card.card_for_repo``) README.md is rewritten for the repo it goes to, and the
+uploaded smash.json lists that card; the local folder is left as it is.
 
 The token comes from the argument, else ``HF_TOKEN``, else the login cache (``hf auth
 login``). It is passed to ``huggingface_hub`` only: never logged, never written into the
