@@ -105,6 +105,7 @@ def _record(manifest: Manifest, source: SourceRef, names: list[str], changes: li
     b = manifest.build
     lora = {"lora": loras} if loras else {}  # recorded only when used: LoRA-free artifacts keep their bytes
     return {
+        "name": source.name,  # the card's title and the server's default model id
         "source": source.record(),
         "dtype": manifest.model.dtype,
         "transforms": {

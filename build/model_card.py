@@ -121,10 +121,8 @@ def _evaluation_section(results_table: str, evaluation: dict[str, Any] | None) -
 
 
 def title(manifest: dict[str, Any]) -> str:
-    """The card's title, from the source (never from the output folder: artifacts must not depend on it)."""
-    source_id = (manifest.get("source") or {}).get("id") or "model"
-    name = source_id.split(":", 1)[1] if source_id.startswith("builtin:") else source_id.rstrip("/").split("/")[-1]
-    return f"{name} (smash-build)"
+    """The card's title: the name the builder took from the source, never the output folder's."""
+    return f"{manifest.get('name') or 'model'} (smash-build)"
 
 
 def _load_lines(manifest: dict[str, Any], repo_id: str | None, revision: str | None) -> list[str]:

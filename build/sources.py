@@ -47,6 +47,11 @@ class SourceRef:
     def builtin(self) -> str | None:
         return self.id[len(BUILTIN_PREFIX):] if self.id.startswith(BUILTIN_PREFIX) else None
 
+    @property
+    def name(self) -> str:
+        """A short name from the source alone: ``tiny-flux``, ``FLUX.1-dev``, a local folder's name."""
+        return self.builtin or self.id.rstrip("/").split("/")[-1]
+
     def record(self) -> dict:
         return {"id": self.id, "revision": self.revision, "commit": self.commit, "license": self.license,
                 **{k: v for k, v in sorted(self.card.items()) if v is not None}}
