@@ -123,7 +123,8 @@ def _record(manifest: Manifest, source: SourceRef, names: list[str], changes: li
                 else None
             ),
         },
-        "runtime": {"cacher": manifest.runtime.cacher, "compiler": manifest.runtime.compiler, "warmup": manifest.runtime.warmup},
+        "runtime": {"cacher": manifest.runtime.cacher, "compiler": manifest.runtime.compiler, "warmup": manifest.runtime.warmup,
+                    **({"serve": manifest.serve} if manifest.serve is not None else {})},
         "versions": library_versions(),
     }
 

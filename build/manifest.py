@@ -111,7 +111,7 @@ _NOT_MODULES = ("Tokenizer", "Scheduler", "FeatureExtractor", "ImageProcessor", 
 # Every key each table accepts, in the order the docs list them. Also used for "this key
 # belongs in [other section]" hints.
 _SECTION_KEYS: dict[str, tuple[str, ...]] = {
-    "": ("manifest_version", "model", "build", "runtime", "output", "evaluate", "publish"),
+    "": ("manifest_version", "model", "build", "runtime", "serve", "output", "evaluate", "publish"),
     "model": ("source", "revision", "dtype", "components"),
     "build": ("fuse_qkv", "quantize", "streaming", "lora"),
     "build.quantize": ("method", "exclude"),
@@ -293,6 +293,7 @@ class Manifest:
     publish_hub: dict | None
     publish_image: dict | None
     raw: dict
+    serve: dict | None = None  # [serve]: scaling on Ray Serve (smash_runtime.server.scaling), recorded as runtime.serve
 
 
 # --------------------------------------------------------------------------- public API
@@ -630,10 +631,12 @@ def _validate(raw: dict, base: Path, p: _Problems, path: Path | None, stem: str 
                 table = _table(p, "publish.image", publish["image"])
                 publish_image = _publish_image(p, table, runtime) if table is not None else None
 
+    serve = _serve(p, raw["serve"]) if "serve" in raw else None
+
     if p or model is None or build is None or runtime is None or output is None:
         return None
     return Manifest(path=path, model=model, build=build, runtime=runtime, output=output,
-                    evaluate=evaluate, publish_hub=publish_hub, publish_image=publish_image, raw=raw)
+                    evaluate=evaluate, publish_hub=publish_hub, publish_image=publish_image, raw=raw, serve=serve)
 
 
 def _model(p: _Problems, t: dict, base: Path):
@@ -1082,6 +1085,21 @@ def _warmup(p: _Problems, value: object) -> dict | None:
         return None
 
 
+def _serve(p: _Problems, value: object) -> dict | None:
+    """[serve] through the runtime's own model; the normalized dict (defaults filled)."""
+    if not isinstance(value, dict):
+        p.bad("serve", value, f"must be a table [serve] with replicas = N or min_replicas/max_replicas, "
+                              f"got {_type_name(value)}")
+        return None
+    from smash_runtime.server.scaling import serve_settings_from_dict
+
+    try:
+        return serve_settings_from_dict(value).record()
+    except SettingsError as e:
+        _settings_problems(p, e, "serve")
+        return None
+
+
 def _settings_problems(p: _Problems, error: SettingsError, prefix: str) -> None:
     # A runtime parser may report several problems at once (a SettingsError carrying
     # ``errors``); take them all.
@@ -1312,6 +1330,7 @@ def manifest_json_schema() -> dict:
             "compiler": _runtime_schema("compilers"),
             "warmup": _warmup_schema(),
         }, description="recorded in smash.json and applied by the runtime at load"),
+        "serve": _runtime_module("server.scaling").serve_json_schema(),
         "output": table({
             "dir": {**string, "description": "artifact folder, relative to this file; default dist/<manifest name>"},
         }),

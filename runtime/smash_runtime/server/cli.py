@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kind = int if f.type.startswith("int") else float if f.type.startswith("float") else str
             parser.add_argument(flag, type=kind, default=None, help=help_text)
+    from .ray_cli import add_ray_arguments
+
+    add_ray_arguments(parser)
     return parser
 
 
@@ -141,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = ServerSettings.from_env(**overrides)
     except SmashError as exc:
         _refuse(str(exc), EXIT_BAD_INPUT)
+    if args.ray:  # Ray Serve instead of one uvicorn process (ray_cli.py); Serve's proxy binds the port
+        from .ray_cli import serve_on_ray
+
+        sys.exit(serve_on_ray(args, settings))
     try:  # then the port: a busy one should not wait for the model to load
         sock = bind(args.host, args.port)
     except OSError as exc:
