@@ -188,10 +188,22 @@ class OpenAIErrors:
                 held["body"] += message.get("body", b"")
                 if message.get("more_body"):
                     return
+                held["sent"] = True
                 return await self._send_rewritten(send, held["start"], held["body"])
+            held["sent"] = True
             await send(message)
 
-        await self.app(scope, receive, rewrite)
+        try:
+            await self.app(scope, receive, rewrite)
+        except Exception as exc:
+            if held.get("sent"):
+                raise
+            await self._send_rewritten(send, {"status": 500, "headers": []}, type(exc).__name__.encode())
+            return
+        if not held.get("sent"):
+            # When the replica died under the request, the proxy returns without answering (uvicorn
+            # would then send a bare 500): answer a clean 503 instead.
+            await self._send_rewritten(send, {"status": 500, "headers": []}, b"")
 
     async def _send_rewritten(self, send, start, detail: bytes) -> None:
         status, code, kind, message = self._REWRITES[start["status"]]
