@@ -165,6 +165,8 @@ def validate(manifest):
     loras = ", ".join(f"{lora.source} x{lora.scale:g}" for lora in spec.build.lora) or None
     click.echo(f"  bake: lora={loras}, fuse_qkv={spec.build.fuse_qkv}, quantize={q.method if q else None}")
     click.echo(f"  runtime: cacher={json.dumps(spec.runtime.cacher)}, compiler={json.dumps(spec.runtime.compiler)}")
+    if spec.serve:
+        click.echo(f"  serve: {json.dumps(spec.serve)}")
     click.echo(f"  output: {spec.output.dir}")
 
 
@@ -238,6 +240,37 @@ def _build_image(artifact, spec: dict) -> None:
     if info.pushed_digest:
         click.echo(f"pushed {info.pushed_digest}")
     click.echo(f"run it with: docker run --rm -p 8000:8000 {info.tag}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--image", "image_ref", required=True, metavar="TAG",
+              help="Image serving the artifact, built with `smash-build image ART --with-ray`.")
+@click.option("--kuberay", is_flag=True, required=True, help="Write a KubeRay RayService (the only target so far).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File to write (default: stdout).")
+@click.option("--name", default=None, help="RayService name (default: the artifact's name).")
+@click.option("--compile-cache-claim", default=None, metavar="PVC",
+              help="PersistentVolumeClaim for the compile cache (default: an emptyDir per pod).")
+@click.option("--memory", default="8Gi", show_default=True, help="Memory request and limit of each pod.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Scaling setting over the artifact's [serve] (e.g. --set max_replicas=8); repeatable.")
+def deploy(artifact, image_ref, kuberay, output, name, compile_cache_claim, memory, overrides):
+    """Write a Kubernetes manifest that serves ARTIFACT's image on a Ray cluster (docs/ray.md)."""
+    from .exporters.kuberay import dump_rayservice, rayservice_manifest
+    from .manifest import parse_override
+
+    try:
+        scaling = dict(parse_override(text) for text in overrides)
+        text = dump_rayservice(rayservice_manifest(artifact, image=image_ref, name=name, scaling=scaling,
+                                                   compile_cache_claim=compile_cache_claim, memory=memory))
+    except SmashError as exc:
+        _fail(exc)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}; apply it with: kubectl apply -f {output}", err=True)
 
 
 @main.command()
