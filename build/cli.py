@@ -205,10 +205,12 @@ def publish(artifact, repo, revision, private, message, dry_run):
 @click.option("--context-only", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write the docker build context to this folder instead of building.")
 @click.option("--push", is_flag=True, help="Push the image after building it.")
-def image(artifact, tag, base, variant, compile_cache, no_precompile, context_only, push):
+@click.option("--with-ray", is_flag=True,
+              help="Also install Ray Serve, so the image can join a Ray cluster (smash-build deploy --kuberay).")
+def image(artifact, tag, base, variant, compile_cache, no_precompile, context_only, push, with_ray):
     """Bake ARTIFACT and smash-runtime into a reproducible container image that serves it over HTTP."""
     spec = {"tag": tag or f"smash/{Path(artifact).resolve().name}:latest", "push": push, "variant": variant,
-            "include_compile_cache": compile_cache, "precompile": not no_precompile}
+            "include_compile_cache": compile_cache, "precompile": not no_precompile, "with_ray": with_ray}
     if base:
         spec["base"] = base
     try:
@@ -226,7 +228,7 @@ def image(artifact, tag, base, variant, compile_cache, no_precompile, context_on
 
 def _image_options(spec: dict) -> dict:
     options = {"variant": spec.get("variant", "cpu"), "include_compile_cache": spec.get("include_compile_cache"),
-               "precompile": spec.get("precompile", True)}
+               "precompile": spec.get("precompile", True), "with_ray": bool(spec.get("with_ray"))}
     if spec.get("base"):
         options["base_image"] = spec["base"]
     return options

@@ -417,7 +417,8 @@ def _write_tree(entries: list[_Entry], root: Path) -> None:
 
 
 def _prepare(artifact_dir, *, base_image: str, variant: str, include_compile_cache, wheelhouse,
-             runtime_source, precompile: bool, log: Log | None, scratch: Path) -> tuple[list[_Entry], ContextInfo, dict[str, Any]]:
+             runtime_source, precompile: bool, log: Log | None, scratch: Path,
+             with_ray: bool = False) -> tuple[list[_Entry], ContextInfo, dict[str, Any]]:
     if variant not in VARIANTS:
         raise SettingsError("variant", variant, "one of: " + ", ".join(VARIANTS),
                             hint="cpu: CPU torch in the image; cuda: torch from a CUDA PyTorch base image")
@@ -437,10 +438,13 @@ def _prepare(artifact_dir, *, base_image: str, variant: str, include_compile_cac
     if wheelhouse is None:
         if log:
             log("resolving the runtime's wheels into a hash-locked wheelhouse")
-        wheelhouse = resolve_wheelhouse(scratch / "wheelhouse", variant=variant,
+        wheelhouse = resolve_wheelhouse(scratch / "wheelhouse", variant=variant, extras=image_extras(with_ray),
                                         runtime_source=runtime_source, log=log)
     elif not isinstance(wheelhouse, Wheelhouse):
         raise SettingsError("wheelhouse", wheelhouse, "a Wheelhouse from smash_build.exporters.lock.resolve_wheelhouse")
+    elif with_ray and not _locks(wheelhouse, "ray"):
+        raise SettingsError("wheelhouse", str(wheelhouse.path), "a wheelhouse that locks ray (with_ray=True)",
+                            hint=f"resolve it with extras={image_extras(True)}")
     if wheelhouse.variant != variant:
         raise SettingsError("variant", variant, f"{wheelhouse.variant!r}, the variant of the wheelhouse given",
                             hint="the wheelhouse given was resolved for another variant")
@@ -455,6 +459,15 @@ def _prepare(artifact_dir, *, base_image: str, variant: str, include_compile_cac
     return entries, info, manifest
 
 
+def image_extras(with_ray: bool) -> tuple[str, ...]:
+    """smash-runtime extras an image installs: the server, and Ray to run as a Ray node (``--with-ray``)."""
+    return ("serve", "ray") if with_ray else ("serve",)
+
+
+def _locks(wheelhouse: Wheelhouse, name: str) -> bool:
+    return any(line.startswith(f"{name}==") for line in wheelhouse.lock.read_text(encoding="utf-8").splitlines())
+
+
 def write_build_context(
     artifact_dir: str | os.PathLike,
     context_dir: str | os.PathLike,
@@ -466,6 +479,7 @@ def write_build_context(
     runtime_source: str | os.PathLike | None = None,
     precompile: bool = True,
     log: Log | None = None,
+    with_ray: bool = False,
 ) -> ContextInfo:
     """Write a self-contained build context for ``artifact_dir`` to ``context_dir`` (created; must
     be empty if it exists): ``docker build --network none CONTEXT`` anywhere then gives the same
@@ -482,7 +496,7 @@ def write_build_context(
         entries, info, _ = _prepare(artifact_dir, base_image=base_image, variant=variant,
                                     include_compile_cache=include_compile_cache, wheelhouse=wheelhouse,
                                     runtime_source=runtime_source, precompile=precompile, log=log,
-                                    scratch=Path(scratch))
+                                    scratch=Path(scratch), with_ray=with_ray)
         context.mkdir(parents=True, exist_ok=True)
         _write_tree(entries, context)
     return ContextInfo(**{**info.__dict__, "path": context})
@@ -522,6 +536,7 @@ def build_image(
     precompile: bool = True,
     nocache: bool = False,
     client=None,
+    with_ray: bool = False,
 ) -> ImageInfo:
     """Build (and with ``push`` push) the image serving ``artifact_dir``, tagged ``tag``.
 
@@ -540,15 +555,17 @@ def build_image(
     with tempfile.TemporaryDirectory(prefix="smash-image.") as scratch:
         return _build(client, artifact_dir, tag, base_image=base_image, push=push, log=log, variant=variant,
                       include_compile_cache=include_compile_cache, wheelhouse=wheelhouse,
-                      runtime_source=runtime_source, precompile=precompile, nocache=nocache, scratch=Path(scratch))
+                      runtime_source=runtime_source, precompile=precompile, nocache=nocache, scratch=Path(scratch),
+                      with_ray=with_ray)
 
 
 def _build(client, artifact_dir, tag, *, base_image, push, log, variant, include_compile_cache, wheelhouse,
-           runtime_source, precompile, nocache, scratch) -> ImageInfo:
+           runtime_source, precompile, nocache, scratch, with_ray=False) -> ImageInfo:
     emit = log or (lambda _line: None)
     entries, info, _ = _prepare(artifact_dir, base_image=base_image, variant=variant,
                                 include_compile_cache=include_compile_cache, wheelhouse=wheelhouse,
-                                runtime_source=runtime_source, precompile=precompile, log=log, scratch=scratch)
+                                runtime_source=runtime_source, precompile=precompile, log=log, scratch=scratch,
+                                with_ray=with_ray)
     py = base_python(client, base_image)
     if py != info.wheelhouse.python_version:
         raise SettingsError("base_image", base_image, f"an image whose python3 is {info.wheelhouse.python_version}",

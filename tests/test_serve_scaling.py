@@ -193,3 +193,32 @@ def test_ray_flag_without_ray_names_the_extra(artifact):
     result = _without_ray(f"from smash_runtime.server.cli import main\nmain([{str(artifact)!r}, '--ray'])")
     assert result.returncode == 2, result.stderr
     assert "pip install 'smash-runtime[ray]'" in result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# the image as a Ray node
+
+
+def test_with_ray_refuses_a_wheelhouse_without_ray(artifact, tmp_path):
+    from smash_build.exporters.image import write_build_context
+    from smash_build.exporters.lock import Wheelhouse
+
+    lock = tmp_path / "wheels" / "requirements.lock"
+    lock.parent.mkdir()
+    lock.write_text("# smash-build wheelhouse lock\nfastapi==0.165.0 \\\n    --hash=sha256:00\n")
+    plain = Wheelhouse(path=lock.parent, lock=lock, pip_wheel=lock.parent / "pip.whl",
+                       runtime_wheel=lock.parent / "smash_runtime.whl", variant="cpu", python_version="3.11")
+    with pytest.raises(SettingsError, match="locks ray"):
+        write_build_context(artifact, tmp_path / "ctx", wheelhouse=plain, with_ray=True)
+    assert not (tmp_path / "ctx").exists()
+
+
+@pytest.mark.slow
+def test_image_context_with_ray_locks_ray_serve(artifact, tmp_path):
+    """The real resolve (about a minute here): Ray and its Serve dependencies join the hash lock."""
+    result = smash_build("image", artifact, "--with-ray", "--context-only", tmp_path / "ctx")
+    assert result.exit_code == 0, result.stderr
+    lock = (tmp_path / "ctx" / "wheelhouse" / "deps" / "requirements.lock").read_text()
+    names = {line.split("==")[0] for line in lock.splitlines() if "==" in line}
+    assert {"ray", "fastapi", "uvicorn", "torch"} <= names
+    assert "ray==2.60.0 " in lock and all("--hash=sha256:" in line for line in lock.splitlines() if line.startswith("    "))
