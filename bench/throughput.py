@@ -43,14 +43,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def post(port: int, body: dict) -> tuple[int, float]:
+def post(port: int, body: dict) -> tuple[int, float, float | None]:
+    """(status, latency s, generation s that the replica reports in Server-Timing)."""
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     try:
         conn.request("POST", "/v1/images/generations", body=json.dumps(body), headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         resp.read()
-        return resp.status, time.perf_counter() - start
+        timing = dict(part.strip().split(";dur=") for part in (resp.getheader("server-timing") or "").split(",")
+                      if ";dur=" in part)
+        generate = float(timing["generate"]) / 1000 if "generate" in timing else None
+        return resp.status, time.perf_counter() - start, generate
     finally:
         conn.close()
 
@@ -58,6 +62,7 @@ def post(port: int, body: dict) -> tuple[int, float]:
 def load(port: int, clients: int, total: int, body: dict) -> dict:
     """``total`` requests from ``clients`` threads; every status must be 200 (the queue is unbounded here)."""
     latencies: list[float] = []
+    generation: list[float] = []
     statuses: list[int] = []
     lock = threading.Lock()
     todo = iter(range(total))
@@ -67,10 +72,12 @@ def load(port: int, clients: int, total: int, body: dict) -> dict:
             with lock:
                 if next(todo, None) is None:
                     return
-            status, seconds = post(port, body)
+            status, seconds, generate = post(port, body)
             with lock:
                 statuses.append(status)
                 latencies.append(seconds)
+                if generate is not None:
+                    generation.append(generate)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     start = time.perf_counter()
@@ -83,7 +90,8 @@ def load(port: int, clients: int, total: int, body: dict) -> dict:
     if bad:
         raise RuntimeError(f"{len(bad)} requests failed: {sorted(set(bad))}")
     return {"requests": total, "seconds": round(wall, 2), "rps": round(total / wall, 3),
-            "p50_s": round(statistics.median(latencies), 3), "p95_s": round(percentile(latencies, 0.95), 3)}
+            "p50_s": round(statistics.median(latencies), 3), "p95_s": round(percentile(latencies, 0.95), 3),
+            "generate_p50_s": round(statistics.median(generation), 3) if generation else None}
 
 
 def in_process(artifact: Path, body: dict, runs: int) -> dict:
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
             ray.shutdown()
         load_after = os.getloadavg()
 
-    results = {n: {key: statistics.median(r[key] for r in rs) for key in ("rps", "p50_s", "p95_s")}
+    results = {n: {key: statistics.median(r[key] for r in rs) for key in ("rps", "p50_s", "p95_s", "generate_p50_s")}
                for n, rs in runs.items()}
     efficiency = results[2]["rps"] / (2 * results[1]["rps"])
     report = {

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
@@ -311,10 +311,3 @@ def run_until_signal(app: serve.Application, *, host: str, port: int, proxy_loca
     logger.info("stopped", extra={"fields": {"application": APP_NAME}})
     return 0
 
-
-def replica_options_repr(options: ReplicaOptions) -> dict[str, Any]:
-    """``options`` for logs, the API key hidden."""
-    out = asdict(options)
-    if out["server"].get("api_key"):
-        out["server"] = {**out["server"], "api_key": "<hidden>"}
-    return out
