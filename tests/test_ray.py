@@ -201,6 +201,13 @@ def server(cluster, artifact, tmp_path_factory):
 # tests
 
 
+def test_bad_scaling_flag_exits_2_before_touching_the_cluster(artifact):
+    result = subprocess.run([_script("smash-serve"), str(artifact), "--ray", "--replicas", "0",
+                             "--ray-address", "127.0.0.1:1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "replicas = 0" in result.stdout + result.stderr
+
+
 def test_openai_client_gets_smash_runs_bytes_from_both_replicas(server, artifact, tmp_path):
     _, port, _ = server
     out = tmp_path / "ref.png"
@@ -232,6 +239,7 @@ def test_openai_client_gets_smash_runs_bytes_from_both_replicas(server, artifact
     assert client.models.list().data[0].id == "tiny-flux"
 
 
+@pytest.mark.slow
 def test_burst_gets_only_200_and_429_matching_serves_metrics(server):
     _, port, _ = server
     before = stable_metrics()

@@ -61,8 +61,12 @@ def serve_on_ray(args: argparse.Namespace, settings: ServerSettings) -> int:
         from ..format import read_manifest
         from ..loader import resolve_artifact
 
+        from .app import warmup_shapes
+
         root = resolve_artifact(args.artifact)
-        recorded = ((read_manifest(root).get("runtime") or {}).get("serve")) or {}
+        manifest = read_manifest(root)
+        settings.check_warmup(warmup_shapes(manifest))  # as plain smash-serve does, before any replica starts
+        recorded = ((manifest.get("runtime") or {}).get("serve")) or {}
         scaling = serve_settings_from_dict(scaling_overrides(args), base=serve_settings_from_dict(recorded))
     except SmashError as exc:
         logger.error("cannot start", extra={"fields": {"error": str(exc)}})
