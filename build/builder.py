@@ -23,6 +23,7 @@ import psutil
 import torch
 
 from smash_runtime.errors import SettingsError
+from smash_runtime.fused_layout import fused_parts, unfused_names
 from smash_runtime.structure import WEIGHTS_FILE, fuse_qkv, resolve_class
 
 from .exporters.artifact import (
@@ -38,7 +39,7 @@ from .manifest import Manifest
 from .model_card import render_model_card
 from .sources import DTYPES, SourceRef, denoiser_name, load_pipeline, materialize_builtin, resolve_source
 from .streaming import component_nbytes, should_stream, stream_component
-from .transforms import QuantizationReport, quantize
+from .transforms import QuantizationReport, diffusers_quantization_config, quantize
 
 _VERSIONED = ("torch", "diffusers", "transformers", "torchao", "safetensors", "smash-build", "smash-runtime")
 
@@ -173,7 +174,7 @@ def _build_in_memory(manifest, source, target, step, max_shard_bytes) -> BuildRe
     check_runtime_settings(manifest, pipe.components)
     loras = fuse_loras(pipe, b.lora, step)
 
-    changes, extras = [], {}
+    changes, extras, quant_configs = [], {}, {}
     for name in names:
         module = getattr(pipe, name)
         change = ComponentChange(name, _param_bytes(module))
@@ -188,12 +189,14 @@ def _build_in_memory(manifest, source, target, step, max_shard_bytes) -> BuildRe
             step(f"quantizing {name} with {b.quantize.method}")
             change.quantization = quantize(module, b.quantize.method, b.quantize.exclude_globs)
             extras[name]["quantization"] = {"method": b.quantize.method}
+            quant_configs[name] = diffusers_quantization_config(
+                b.quantize.method, unfused_names(change.quantization.excluded, fused_parts(module)))
         changes.append(change)
 
     step(f"writing artifact to {target}")
     artifact = write_artifact(
         target, _record(manifest, source, names, changes, loras), type(pipe).__name__, dict(pipe.config),
-        in_memory_writers(pipe, extras, max_shard_bytes),
+        in_memory_writers(pipe, extras, max_shard_bytes, quant_configs),
         model_card=render_model_card, on_component=lambda n: step(f"writing {n}"),
     )
     for change in changes:

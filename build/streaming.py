@@ -21,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from smash_runtime.errors import ArtifactError
+from smash_runtime.fused_layout import fused_parts, split_fused, unfused_names
 from smash_runtime.structure import (
     WEIGHTS_FILE,
     build_skeleton,
@@ -30,8 +31,8 @@ from smash_runtime.structure import (
 )
 from smash_runtime.tensors import ShardWriter, index_name, split_aliases
 
-from .exporters.artifact import component_record, write_config
-from .transforms import QuantizationReport, quantize
+from .exporters.artifact import component_record, plain_loading_record, write_config, write_loading_config
+from .transforms import QuantizationReport, diffusers_quantization_config, quantize
 
 # Above this a component is built by streaming even when not asked to.
 AUTO_THRESHOLD_BYTES = 8 * 1024**3
@@ -139,6 +140,8 @@ def stream_component(
     writer = ShardWriter(out_folder, WEIGHTS_FILE[record["library"]], max_shard_bytes, aliases, on_shard=shard_done)
     report = QuantizationReport(quantize_method, tuple(exclude_globs)) if quantize_method else None
     fused = bytes_before = 0
+    layout: dict[str, list[tuple[str, int]]] = {}  # fused linears, for diffusers' names of excluded modules
+    kept_fused: list[str] = []
     for i, unit in enumerate(units):
         names = by_unit[unit]
         if not names:
@@ -154,7 +157,10 @@ def stream_component(
         if report is not None:
             quantize(module, quantize_method, exclude_globs, prefix=prefix, report=report)
         done = {prefix + k: v for k, v in module.state_dict().items()}
-        writer.add_unit({k: v for k, v in done.items() if unit_of(k, units) == unit and k not in aliases})
+        stored, kept = split_fused(done, module, prefix)
+        layout.update(fused_parts(module, prefix))
+        kept_fused += kept
+        writer.add_unit({k: v for k, v in stored.items() if unit_of(k, units) == unit and k not in aliases})
         if unit:
             _replace(skeleton, unit)
         del local, done, module
@@ -162,10 +168,14 @@ def stream_component(
         # subclasses); without a collection here each block's weights outlive it until the end.
         gc.collect()
     writer.close()
+    quant_config = None
+    if report is not None:
+        quant_config = diffusers_quantization_config(quantize_method, unfused_names(report.excluded, layout))
+    loadable = write_loading_config(out_folder, record["library"], quant_config, kept_fused)
     progress(len(units), len(units), "done")
     extras = {}
     if fuse:
         extras["fused_qkv"] = True
     if quantize_method:
         extras["quantization"] = {"method": quantize_method}
-    return {**component_record(skeleton), **extras}, report, fused, bytes_before
+    return {**component_record(skeleton), **extras, **plain_loading_record(loadable)}, report, fused, bytes_before

@@ -92,3 +92,19 @@ def quantize(model: nn.Module, method: str, exclude_globs: tuple[str, ...] = (),
     if chosen:
         quantize_(model, quantization_config(method), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in chosen)
     return report
+
+
+def diffusers_quantization_config(method: str, not_converted: list[str]) -> dict:
+    """The ``quantization_config`` entry of a quantized diffusers component's config.json.
+
+    With it, ``DiffusionPipeline.from_pretrained`` loads the stored torchao tensors instead of
+    initialising the layers randomly. ``not_converted`` names the linears left unquantized
+    (in diffusers' unfused naming), which diffusers then loads as plain weights.
+
+        >>> diffusers_quantization_config("int8wo", ["norm_out.linear"])["quant_method"]
+        'torchao'
+    """
+    from diffusers import TorchAoConfig
+
+    return TorchAoConfig(quantization_config(method), modules_to_not_convert=sorted(not_converted)).to_dict()
+

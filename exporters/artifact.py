@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from smash_runtime.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, dumps_manifest, file_table
+from smash_runtime.fused_layout import split_fused
 from smash_runtime.structure import WEIGHTS_FILE, module_units, split_into_units
 from smash_runtime.tensors import ShardWriter, split_aliases
 
@@ -72,17 +73,54 @@ def write_config(obj: object, folder: Path) -> None:
         obj.config.save_pretrained(folder)
 
 
-def write_component(obj: object, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+def write_component(obj: object, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    quantization_config: dict[str, Any] | None = None) -> bool:
+    """Write a component's folder; returns whether plain diffusers/transformers can load it.
+
+    ``quantization_config`` (see :func:`write_loading_config`) goes into config.json.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     if not isinstance(obj, torch.nn.Module):
         obj.save_pretrained(folder)  # tokenizers and schedulers: small text files
-        return
+        return True
     write_config(obj, folder)
     unique, aliases = split_aliases(obj.state_dict())
+    unique, kept_fused = split_fused(unique, obj)
     writer = ShardWriter(folder, WEIGHTS_FILE[library_of(obj)], max_shard_bytes, aliases)
     for unit in split_into_units(unique, module_units(obj)):
         writer.add_unit(unit)
     writer.close()
+    return write_loading_config(folder, library_of(obj), quantization_config, kept_fused)
+
+
+# The quant_method written when the stored weights have a layout only smash_runtime reads:
+# diffusers and transformers then refuse the component ("Unknown quantization type, got ...")
+# instead of initialising it randomly.
+RUNTIME_ONLY_METHOD = "smash-runtime-only (load this artifact with smash_runtime.load; see its README.md)"
+
+
+def write_loading_config(folder: Path, library: str, quantization_config: dict[str, Any] | None,
+                         kept_fused: list[str]) -> bool:
+    """Put in config.json what lets the library load the stored weights, or makes it refuse them.
+
+    A quantized diffusers component gets ``quantization_config`` (diffusers' ``TorchAoConfig``).
+    Fused projections that could not be stored as their parts' rows (``kept_fused``), and
+    quantized transformers components, get a ``quant_method`` that no library knows, so that
+    plain ``from_pretrained`` fails loudly. Returns whether plain loading works.
+    """
+    loadable = not kept_fused and (quantization_config is None or library == "diffusers")
+    entry = quantization_config if loadable else {"quant_method": RUNTIME_ONLY_METHOD}
+    if entry is not None:
+        path = folder / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["quantization_config"] = entry
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return loadable
+
+
+def plain_loading_record(loadable: bool) -> dict[str, Any]:
+    """The component record's note for components that plain diffusers cannot load."""
+    return {} if loadable else {"plain_diffusers": False}
 
 
 def _remove_stale_partials(target: Path) -> None:
@@ -104,14 +142,19 @@ ComponentWriter = Callable[[Path], dict[str, Any]]
 
 
 def in_memory_writers(pipeline, component_extras: dict[str, dict[str, Any]] | None = None,
-                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict[str, ComponentWriter]:
-    """Writers for every component of a pipeline held in memory."""
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                      quantization_configs: dict[str, dict[str, Any]] | None = None) -> dict[str, ComponentWriter]:
+    """Writers for every component of a pipeline held in memory.
+
+    ``quantization_configs`` holds the config.json ``quantization_config`` of quantized components.
+    """
     extras = component_extras or {}
+    quant = quantization_configs or {}
 
     def writer(name: str, obj: object) -> ComponentWriter:
         def write(folder: Path) -> dict[str, Any]:
-            write_component(obj, folder, max_shard_bytes)
-            return {**component_record(obj), **extras.get(name, {})}
+            loadable = write_component(obj, folder, max_shard_bytes, quant.get(name))
+            return {**component_record(obj), **extras.get(name, {}), **plain_loading_record(loadable)}
 
         return write
 

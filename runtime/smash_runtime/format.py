@@ -31,7 +31,7 @@ from typing import Any, Literal
 from .errors import ArtifactError
 
 FORMAT_NAME = "smash-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fused projections stored as their parts' rows; quantization_config in config.json
 MANIFEST_FILE = "smash.json"
 # Files that live in the artifact but are not covered by the hash table: smash.json itself,
 # and the model card, which can be regenerated after evaluation without touching weights.

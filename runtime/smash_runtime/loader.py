@@ -14,6 +14,7 @@ import torch
 
 from .errors import ArtifactError, SettingsError, UnsupportedOnDevice
 from .format import MANIFEST_FILE, VerifyMode, read_manifest, verify_files
+from .fused_layout import join_fused
 from .structure import WEIGHTS_FILE, assign_weights, build_skeleton, resolve_class
 from .tensors import load_component_state_dict
 
@@ -110,6 +111,8 @@ def _load_component(root: Path, name: str, record: dict[str, Any], dtype: torch.
         model = build_skeleton(folder, record)
     with phase("read_weights"):
         state_dict = load_component_state_dict(folder, WEIGHTS_FILE[record["library"]], rel_folder=name)
+        if record.get("fused_qkv"):
+            state_dict = join_fused(state_dict, model)
     model = assign_weights(model, state_dict, f"{name}/{WEIGHTS_FILE[record['library']]}")
     del state_dict
     if dtype is not None and not record.get("quantization"):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import ArtifactError
+from .fused_layout import record_parts
 
 # Only these libraries may be named in an artifact: a record never makes us import arbitrary code.
 LIBRARIES = ("diffusers", "transformers")
@@ -82,9 +83,11 @@ def drop_unfused_projections(module: nn.Module) -> int:
         fused += 1
         for fused_name, parts in _UNFUSED.items():
             if hasattr(sub, fused_name):
-                for part in parts:
-                    if part in sub._modules:
-                        del sub._modules[part]
+                present = [p for p in parts if p in sub._modules]
+                if present:  # the artifact stores the fused rows under these names (see fused_layout)
+                    record_parts(sub, fused_name, [(p, sub._modules[p].out_features) for p in present])
+                for part in present:
+                    del sub._modules[part]
     return fused
 
 

@@ -113,7 +113,7 @@ class _ShardFile:
                 offset += nbytes
         header["__metadata__"] = dict(sorted(metadata.items()))
         text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        text += b" " * (-len(text) % 8)
+        text += b" " * (-(8 + len(text)) % 64)
         with open(self.path, "wb") as out:
             out.write(struct.pack("<Q", len(text)))
             out.write(text)
