@@ -154,6 +154,34 @@ def _lora_lines(transforms: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _plain_diffusers_section(manifest: dict[str, Any], repo_id: str | None, revision: str | None) -> list[str]:
+    """How to load the folder with diffusers alone, or which components make that impossible."""
+    components = manifest.get("components") or {}
+    runtime_only = sorted(n for n, record in components.items() if record.get("plain_diffusers") is False)
+    if runtime_only:
+        return [
+            f"Plain diffusers cannot load this artifact: {', '.join(runtime_only)} stores weights only "
+            "`smash_runtime.load` reads, and its config.json makes `from_pretrained` raise rather than "
+            "initialise them randomly.",
+            "",
+        ]
+    dtype = manifest.get("dtype") or "float32"
+    where = f'"{repo_id}", revision="{revision or "main"}"' if repo_id else '"path/to/this/folder"'
+    needs = "diffusers torchao accelerate" if (manifest.get("transforms") or {}).get("quantize") else "diffusers"
+    return [
+        f"It is also a plain diffusers folder (`pip install {needs}`); fused projections are stored as "
+        "the unfused q/k/v rows, quantized layers as torchao tensors. Cacher and compiler are not applied; "
+        "the image is the one `smash_runtime.load(..., cacher=False, compiler=False)` gives:",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import DiffusionPipeline",
+        f'pipe = DiffusionPipeline.from_pretrained({where}, dtype=torch.{dtype})',
+        "```",
+        "",
+    ]
+
+
 def render_model_card(manifest: dict[str, Any], results_table: str | None = None,
                       evaluation: dict[str, Any] | None = None, *, repo_id: str | None = None,
                       revision: str | None = None) -> str:
@@ -180,9 +208,7 @@ def render_model_card(manifest: dict[str, Any], results_table: str | None = None
         "",
         *_load_lines(manifest, repo_id, revision),
         "",
-        "Plain `DiffusionPipeline.from_pretrained` cannot read fused or quantized components "
-        "(it would silently re-initialise them); use `smash_runtime.load`.",
-        "",
+        *_plain_diffusers_section(manifest, repo_id, revision),
         "## Baked into the weights",
         "",
         *_lora_lines(transforms),

@@ -93,10 +93,15 @@ def write_component(obj: object, folder: Path, max_shard_bytes: int = DEFAULT_MA
     return write_loading_config(folder, library_of(obj), quantization_config, kept_fused)
 
 
-# The quant_method written when the stored weights have a layout only smash_runtime reads:
-# diffusers and transformers then refuse the component ("Unknown quantization type, got ...")
-# instead of initialising it randomly.
-RUNTIME_ONLY_METHOD = "smash-runtime-only (load this artifact with smash_runtime.load; see its README.md)"
+# What config.json says when the stored weights have a layout only smash_runtime reads, so that
+# plain from_pretrained raises instead of initialising the layers randomly. diffusers raises
+# "Unknown quantization type, got <quant_method>"; transformers only warns about an unknown
+# method and loads random weights, but raises on a quantization_config without quant_method.
+RUNTIME_ONLY_NOTE = "load this artifact with smash_runtime.load; see its README.md"
+RUNTIME_ONLY_CONFIG = {
+    "diffusers": {"quant_method": f"smash-runtime-only ({RUNTIME_ONLY_NOTE})"},
+    "transformers": {"smash_runtime_only": RUNTIME_ONLY_NOTE},
+}
 
 
 def write_loading_config(folder: Path, library: str, quantization_config: dict[str, Any] | None,
@@ -109,7 +114,7 @@ def write_loading_config(folder: Path, library: str, quantization_config: dict[s
     plain ``from_pretrained`` fails loudly. Returns whether plain loading works.
     """
     loadable = not kept_fused and (quantization_config is None or library == "diffusers")
-    entry = quantization_config if loadable else {"quant_method": RUNTIME_ONLY_METHOD}
+    entry = quantization_config if loadable else RUNTIME_ONLY_CONFIG[library]
     if entry is not None:
         path = folder / "config.json"
         config = json.loads(path.read_text(encoding="utf-8"))

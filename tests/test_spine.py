@@ -36,18 +36,20 @@ def test_reload_in_fresh_process_is_bit_identical(model, tmp_path):
 
 
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sdxl"])
-def test_fusion_keeps_no_unfused_duplicates(model, tmp_path):
-    result = build_from_text(manifest_text(f"builtin:{model}", fuse=True), tmp_path / "a")
+def test_fused_weights_are_stored_once_under_the_unfused_names(model, tmp_path):
+    """Fusion stores each q/k/v row once, under diffusers' unfused names: with per-row int8 the
+    fused artifact's weight file is byte for byte the unfused artifact's (no duplicates, no to_qkv)."""
     denoiser = "transformer" if model == "tiny-flux" else "unet"
+    files = {}
+    for fuse in (False, True):
+        result = build_from_text(manifest_text(f"builtin:{model}", fuse=fuse, method="int8wo"), tmp_path / str(fuse))
+        files[fuse] = (tmp_path / str(fuse) / denoiser / "diffusion_pytorch_model.safetensors").read_bytes()
     from smash_runtime.tensors import iter_tensor_names
 
-    names = list(iter_tensor_names(tmp_path / "a" / denoiser / "diffusion_pytorch_model.safetensors"))
-    assert any(".to_qkv." in n for n in names)
-    fused_parents = {n.rsplit(".to_qkv.", 1)[0] for n in names if ".to_qkv." in n}
-    for parent in fused_parents:
-        for part in ("to_q", "to_k", "to_v"):
-            assert not any(n.startswith(f"{parent}.{part}.") for n in names), f"{parent}.{part} kept beside to_qkv"
-    assert not any(".add_q_proj." in n or ".add_k_proj." in n for n in names)
+    names = list(iter_tensor_names(tmp_path / "True" / denoiser / "diffusion_pytorch_model.safetensors"))
+    assert any(".to_q.weight" in n for n in names)
+    assert not any(f".{fused}." in n for n in names for fused in ("to_qkv", "to_kv", "to_added_qkv"))
+    assert files[True] == files[False]
     assert result.changes[0].fused_modules > 0
 
 

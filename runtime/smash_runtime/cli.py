@@ -27,11 +27,13 @@ from .logs import quiet_third_party_logs
 @click.option("--no-compile", is_flag=True, help="Do not apply the recorded compiler.")
 @click.option("--verify", type=click.Choice(["full", "fast", "off"]), default="full", show_default=True)
 @click.option("--compile-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Compile cache folder (default: $SMASH_COMPILE_CACHE).")
+              help="Compile cache folder (default: $SMASH_COMPILE_CACHE, else $XDG_CACHE_HOME/smash/compile, "
+                   "i.e. ~/.cache/smash/compile).")
+@click.option("--no-compile-cache", is_flag=True, help="Compile without the on-disk cache (every process recompiles).")
 @click.option("--precompile", is_flag=True, help="Compile and run the recorded warm-up shapes to fill the compile cache, then exit.")
 @click.option("--timings", is_flag=True, help="Print the load phase timings as JSON on stderr.")
 def main(artifact, prompt, seed, steps, height, width, guidance_scale, negative_prompt, output, device,
-         no_cacher, no_compile, verify, compile_cache, precompile, timings):
+         no_cacher, no_compile, verify, compile_cache, no_compile_cache, precompile, timings):
     """Generate an image with the smash-build ARTIFACT (a folder or ORG/NAME[@REVISION] on the Hub).
 
     \b
@@ -43,13 +45,12 @@ def main(artifact, prompt, seed, steps, height, width, guidance_scale, negative_
     from .images import encode_png, generate
     from .loader import load
 
-    if precompile and compile_cache is None:
-        from .compilers import default_cache_root
-
-        compile_cache = default_cache_root()
+    if no_compile_cache and (compile_cache is not None or precompile):
+        click.echo("error: --no-compile-cache cannot be combined with --compile-cache or --precompile", err=True)
+        sys.exit(2)
     try:
         pipe = load(artifact, device=device, verify=verify, cacher=not no_cacher, compiler=not no_compile,
-                    warmup=precompile, compile_cache=compile_cache, progress=True)
+                    warmup=precompile, compile_cache=False if no_compile_cache else (compile_cache or True), progress=True)
         if precompile:
             cache = pipe.smash.compile_cache
             if cache is None:

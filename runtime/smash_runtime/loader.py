@@ -129,7 +129,7 @@ def load(
     cacher: bool | dict[str, Any] = True,
     compiler: bool | dict[str, Any] = True,
     warmup: bool = False,
-    compile_cache: str | os.PathLike | None = None,
+    compile_cache: str | os.PathLike | bool = True,
     progress: bool = False,
 ):
     """Load a smash-build artifact as a ready ``DiffusionPipeline``.
@@ -142,7 +142,9 @@ def load(
         cacher: apply the recorded cacher (``True``), none (``False``), or this ``[runtime.cacher]`` table.
         compiler: apply the recorded compiler (``True``), none (``False``), or this table.
         warmup: run the recorded warm-up shapes before returning.
-        compile_cache: folder of the compile cache (default ``$SMASH_COMPILE_CACHE`` if set).
+        compile_cache: folder of the compile cache for an applied compiler; ``True`` (default) is
+            ``$SMASH_COMPILE_CACHE``, else ``$XDG_CACHE_HOME/smash/compile`` (``~/.cache/smash/compile``);
+            ``False`` or ``None`` compiles without a cache.
         progress: show progress bars during warm-up and generation.
 
     Returns:
@@ -185,10 +187,16 @@ def load(
     info = LoadInfo(root=root, manifest=manifest, device=device, timings=timings)
     pipe.smash = info
     if compiler_settings:
-        from .compilers import CompileCache, apply_compiler, artifact_sha256, compiler_config_from_dict
+        from .compilers import (
+            CompileCache,
+            apply_compiler,
+            artifact_sha256,
+            compiler_config_from_dict,
+            default_cache_root,
+        )
 
         cfg = compiler_config_from_dict(compiler_settings)
-        cache_dir = compile_cache or os.environ.get("SMASH_COMPILE_CACHE")
+        cache_dir = default_cache_root() if compile_cache is True else (compile_cache or None)
         cache = CompileCache(cache_dir, artifact_hash=artifact_sha256(root)) if cache_dir else None
         # torch.compile is lazy: this only wraps; the compile time lands in the warm-up phase.
         with phase("compile"):

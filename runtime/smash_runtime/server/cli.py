@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", choices=["full", "fast", "off"], default="full", help="artifact file check")
     parser.add_argument("--no-cacher", action="store_true", help="do not apply the recorded cacher")
     parser.add_argument("--no-compile", action="store_true", help="do not apply the recorded compiler")
-    parser.add_argument("--compile-cache", default=None, help="compile cache folder (default: $SMASH_COMPILE_CACHE)")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--compile-cache", default=None, help="compile cache folder (default: $SMASH_COMPILE_CACHE, "
+                       "else $XDG_CACHE_HOME/smash/compile, i.e. ~/.cache/smash/compile)")
+    cache.add_argument("--no-compile-cache", action="store_true", help="compile without the on-disk cache")
     for f in dataclasses.fields(ServerSettings):
         if f.name == "api_key":
             continue
@@ -171,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def load_pipeline():
         pipe = load(root, device=args.device, verify=args.verify, cacher=not args.no_cacher,
-                    compiler=not args.no_compile, compile_cache=args.compile_cache)
+                    compiler=not args.no_compile,
+                    compile_cache=False if args.no_compile_cache else (args.compile_cache or True))
         return pipe, pipe.smash.manifest
 
     fatal: list[BaseException] = []
