@@ -113,6 +113,9 @@ class _ShardFile:
                 offset += nbytes
         header["__metadata__"] = dict(sorted(metadata.items()))
         text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        # Data starts 64-byte aligned: loaders that keep tensors in the memory map (diffusers does
+        # for pre-quantized models) then compute on aligned weights, as our fresh copies do; on CPU
+        # misaligned weights change the last bits of results.
         text += b" " * (-(8 + len(text)) % 64)
         with open(self.path, "wb") as out:
             out.write(struct.pack("<Q", len(text)))
