@@ -92,3 +92,33 @@ def test_a_component_diffusers_cannot_load_is_refused_loudly(tmp_path):
     assert outcome.startswith("raised: ") and "quantization config" in outcome, outcome
     card = (tmp_path / "a" / "README.md").read_text()
     assert "text_encoder" in card and "cannot" in card
+
+
+@pytest.mark.parametrize("granularity", ["PerRow", "PerTensor"])
+def test_fused_rows_split_exactly_or_stay_whole(granularity):
+    """Per-row int8 splits into q/k/v rows that join back bit for bit; a per-tensor scale is not
+    row-separable, so that weight stays fused (and the builder marks the component runtime-only)."""
+    import torchao.quantization as tq
+    from diffusers.models.attention_processor import Attention
+
+    from smash_runtime.fused_layout import join_fused, split_fused
+    from smash_runtime.structure import fuse_qkv_within
+
+    torch.manual_seed(0)
+    block = torch.nn.Module()
+    block.attn = Attention(query_dim=64, heads=2, dim_head=32, bias=True).eval()
+    assert fuse_qkv_within(block) == 1
+    tq.quantize_(block, tq.Int8WeightOnlyConfig(granularity=getattr(tq, granularity)()))
+    fused = block.state_dict()
+    stored, kept = split_fused(fused, block, prefix="")
+    if granularity == "PerTensor":
+        assert kept == ["attn.to_qkv"] and "attn.to_qkv.weight" in stored
+        return
+    assert kept == [] and "attn.to_qkv.weight" not in stored
+    assert [tuple(stored[f"attn.to_{p}.weight"].shape) for p in "qkv"] == [(64, 64)] * 3
+    joined = join_fused(dict(stored), block)
+    assert set(joined) == set(fused)
+    weight, original = joined["attn.to_qkv.weight"], fused["attn.to_qkv.weight"]
+    assert type(weight) is type(original)
+    assert torch.equal(weight.qdata, original.qdata) and torch.equal(weight.scale, original.scale)
+    assert torch.equal(joined["attn.to_qkv.bias"], fused["attn.to_qkv.bias"])

@@ -112,21 +112,13 @@ def split_fused(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     kept = []
     for fused, parts in fused_parts(model, prefix).items():
         rows = [n for _, n in parts]
-        split = {}
-        for suffix in _SUFFIXES:
-            key = f"{fused}.{suffix}"
-            if key in out:
-                pieces = _split_rows(out[key], rows)
-                if pieces is None:
-                    break
-                split[key] = pieces
-        else:
-            for key, pieces in split.items():
-                suffix = key.rsplit(".", 1)[1]
-                del out[key]
-                out.update({f"{part}.{suffix}": piece for (part, _), piece in zip(parts, pieces)})
+        pieces = {suffix: _split_rows(out[f"{fused}.{suffix}"], rows) for suffix in _SUFFIXES if f"{fused}.{suffix}" in out}
+        if any(p is None for p in pieces.values()):
+            kept.append(fused)
             continue
-        kept.append(fused)
+        for suffix, blocks in pieces.items():
+            del out[f"{fused}.{suffix}"]
+            out.update({f"{part}.{suffix}": block for (part, _), block in zip(parts, blocks)})
     return out, kept
 
 
