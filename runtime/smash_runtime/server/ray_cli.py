@@ -89,7 +89,7 @@ def serve_on_ray(args: argparse.Namespace, settings: ServerSettings) -> int:
         previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
         app = build_app({
             "artifact": str(root), "serve": scaling, "device": args.device, "verify": args.verify,
-            "cacher": not args.no_cacher, "compiler": not args.no_compile, "compile_cache": args.compile_cache,
+            "cacher": not args.no_cacher, "compiler": not args.no_compile, "compile_cache": False if args.no_compile_cache else args.compile_cache,
             "server": dataclasses.asdict(settings),
         })
         logger.info("starting", extra={"fields": {"artifact": str(root), "ray": ray.get_runtime_context().gcs_address,

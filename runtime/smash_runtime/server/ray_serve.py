@@ -61,7 +61,7 @@ class ReplicaOptions:
     verify: str = "full"
     cacher: bool = True
     compiler: bool = True
-    compile_cache: str | None = None
+    compile_cache: str | bool = True  # True: the default root (load's compile_cache); False: none
     threads: int = 1
     server: dict[str, Any] = field(default_factory=dict)  # ServerSettings fields (the API key included)
 
@@ -237,6 +237,14 @@ def start_serve(host: str = "127.0.0.1", port: int = 8000, proxy_location: str =
     serve.start(http_options={"host": host, "port": port, "location": proxy_location})
 
 
+def _compile_cache_choice(value: str | bool | None) -> str | bool:
+    """A folder, or False; the default (True or None) is the driver's $SMASH_COMPILE_CACHE when set,
+    since replicas on other nodes do not see the driver's environment, else each replica's default root."""
+    if value is None or value is True:
+        return os.environ.get("SMASH_COMPILE_CACHE") or True
+    return value
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The Serve application for ``args``: ``artifact`` (required), ``serve`` (a ``[serve]`` dict;
     default: the artifact's recorded ``runtime.serve``), and optional ``device``, ``verify``,
@@ -263,7 +271,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     options = ReplicaOptions(
         artifact=str(args["artifact"]), device=args.get("device"), verify=args.get("verify", "full"),
         cacher=bool(args.get("cacher", True)), compiler=bool(args.get("compiler", True)),
-        compile_cache=args.get("compile_cache") or os.environ.get("SMASH_COMPILE_CACHE"),
+        compile_cache=_compile_cache_choice(args.get("compile_cache", True)),
         threads=scaling.torch_threads, server=server,
     )
     ServerSettings(**server)  # fail here, in the driver, rather than in every replica
