@@ -9,7 +9,7 @@ The loader applies them in this order, after the weights are on the device::
     >>> apply_compiler(pipe, cfg, cache=cache)      # 1. compile the blocks' own forwards (lazily)
     >>> apply_cacher(pipe, cacher_cfg)              # 2. cache hooks wrap the compiled blocks
     >>> warm_up(pipe, warmup_config_from_dict({"shapes": [{"height": 1024, "width": 1024, "steps": 28}]}))
-    >>> cache.report()                              # 3. {"hit": True, "fxgraph_cache_hit": 2, ...}
+    >>> cache.report()                              # 3. {"hit": True, "precompiled_loaded": 3, ...}
 
 | name          | what                                                    | where            |
 |---------------|---------------------------------------------------------|------------------|
@@ -80,7 +80,10 @@ def apply_compiler(pipe, cfg: CompilerConfig, *, cache: CompileCache | None = No
         return
     if not isinstance(cfg, TorchCompileConfig):
         raise TypeError(f"not a compiler config: {cfg!r}; build one with compiler_config_from_dict")
+    store = None
     if cache is not None:
         device = next(denoiser_of(pipe).parameters(), torch.empty(0)).device
         cache.activate(config_to_dict(cfg), device)
-    apply_torch_compile(pipe, cfg)
+        if cfg.scope == "blocks":
+            store = cache.precompiled_store(cfg)
+    apply_torch_compile(pipe, cfg, store=store)

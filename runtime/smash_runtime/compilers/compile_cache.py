@@ -6,12 +6,14 @@ model it came from, so each such combination gets its own folder under ``root``:
     root/
       3f9c0e1a2b4d5e6f7a8b/       sha256 of the key, shortened
         key.json                  the key in full: what made this code (read back to check it)
+        precompiled/              block forwards compiled ahead of time (see precompiled.py): a warm
+                                  start loads them and neither traces nor looks up graphs
         inductor/                 TORCHINDUCTOR_CACHE_DIR: FX graph + AOTAutograd caches, C++/Python kernels
         triton/                   TRITON_CACHE_DIR: compiled GPU kernels
 
 Activating a folder points both environment variables at it, so compiling the first time fills
-it and every later process with the same key loads from it (inductor's FX graph cache hits)
-instead of compiling. Copying inductor's folder is what pays: on this project's CPU machine it
+it and every later process with the same key loads from it instead of compiling: precompiled
+block forwards for ``scope = "blocks"``, inductor's FX graph cache for the rest. Copying inductor's folder is what pays: on this project's CPU machine it
 saved ~90% of a cold compile, against ~20% for ``torch.compiler.save_cache_artifacts``.
 
 ``root`` can be a mounted volume or a folder baked into an image: a read-only entry is copied to
@@ -45,12 +47,16 @@ from typing import Any
 
 import torch
 
+from .config import TorchCompileConfig
+from .precompiled import PrecompiledStore
+
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 KEY_FILE = "key.json"
 _ASIDE = ".ignored-"  # suffix of entries moved out of the way (see _replace_entry)
 ENV_ROOT = "SMASH_COMPILE_CACHE"
+PRECOMPILED = "precompiled"
 _ENV_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 # Counters that say compiled code came from disk rather than from a compiler.
 _HIT_COUNTERS = (("inductor", "fxgraph_cache_hit"), ("aot_autograd", "autograd_cache_hit"))
@@ -135,6 +141,7 @@ class CompileCache:
     _key: dict | None = field(default=None, init=False, repr=False)
     _start: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     _saved_env: dict[str, str | None] | None = field(default=None, init=False, repr=False)
+    _stores: list[PrecompiledStore] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root if self.root is not None else default_cache_root()).expanduser()
@@ -205,7 +212,7 @@ class CompileCache:
                 "ignoring compile cache %s: made for another setup (%s)", folder, _differences(recorded, key)
             )
             return "ignored"
-        return "warm" if _has_entries(folder / "inductor") else "cold"
+        return "warm" if _has_entries(folder / "inductor") or _has_entries(folder / PRECOMPILED) else "cold"
 
     def _log_other_entries(self, key: dict) -> None:
         # Entries for other keys are normal (another GPU, an older torch): say why they don't apply.
@@ -269,19 +276,30 @@ class CompileCache:
             _clear_inductor_memory_caches()
         self.state = "inactive"
 
+    def precompiled_store(self, cfg: TorchCompileConfig) -> PrecompiledStore:
+        """The store of precompiled block forwards in the active folder (call after :meth:`activate`)."""
+        if self.folder is None:
+            raise RuntimeError("activate the compile cache before asking for its precompiled store")
+        store = PrecompiledStore(self.folder / PRECOMPILED, cfg)
+        self._stores.append(store)
+        return store
+
     # -- reporting -------------------------------------------------------------------------
 
     def report(self) -> dict[str, Any]:
         """Hits and misses since :meth:`activate`; ``hit`` is true when compiled code came from disk."""
         now = _counters()
         delta = {name: now[name] - self._start.get(name, 0) for name in now}
-        hits = sum(delta[name] for _, name in _HIT_COUNTERS)
+        precompiled = {name: sum(store.stats[name] for store in self._stores)
+                       for name in ("loaded", "compiled", "saved", "fallback", "ignored")}
+        hits = sum(delta[name] for _, name in _HIT_COUNTERS) + precompiled["loaded"]
         return {
             "folder": str(self.folder) if self.folder else None,
             "state": self.state,
             "key": self._key,
             "hit": hits > 0,
             **delta,
+            **{f"precompiled_{name}": n for name, n in precompiled.items()},
         }
 
     @property

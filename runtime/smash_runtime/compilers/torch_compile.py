@@ -20,6 +20,7 @@ import torch
 from smash_runtime.errors import SettingsError, SmashError
 
 from .config import TorchCompileConfig
+from .precompiled import PrecompiledStore
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def _compile(fn, cfg: TorchCompileConfig):
     return torch.compile(fn, mode=cfg.mode, fullgraph=cfg.fullgraph, dynamic=cfg.dynamic)
 
 
-def _replace_forward(module: torch.nn.Module, cfg: TorchCompileConfig) -> None:
+def _replace_forward(module: torch.nn.Module, cfg: TorchCompileConfig, store: PrecompiledStore | None) -> None:
     if getattr(module, "_diffusers_hook", None) is not None:
         # The hook-wrapped forward would be compiled, hook state and all: every step counter
         # change would then trigger a recompile.
@@ -66,14 +67,20 @@ def _replace_forward(module: torch.nn.Module, cfg: TorchCompileConfig) -> None:
             "%s already has diffusers hooks: apply the compiler before the cacher, or hooks recompile",
             type(module).__name__,
         )
-    module.forward = _compile(module.forward, cfg)
+    if store is not None:
+        store.wrap(module)
+    else:
+        module.forward = _compile(module.forward, cfg)
     setattr(module, COMPILED_ATTR, cfg)
 
 
-def apply_torch_compile(pipe, cfg: TorchCompileConfig) -> list[torch.nn.Module]:
+def apply_torch_compile(pipe, cfg: TorchCompileConfig, store: PrecompiledStore | None = None) -> list[torch.nn.Module]:
     """Compile ``pipe``'s denoiser in ``cfg.scope``; returns the modules whose forward was replaced.
 
     Compilation itself is lazy: it happens on the first call of each shape (see ``warm_up``).
+    With ``store`` (scope ``"blocks"`` only), each block class is precompiled once per input
+    signature and kept in the store, so a later process loads it instead of tracing again
+    (see ``precompiled.py``).
 
         >>> apply_torch_compile(pipe, TorchCompileConfig(scope="blocks"))  # doctest: +SKIP
     """
@@ -95,7 +102,7 @@ def apply_torch_compile(pipe, cfg: TorchCompileConfig) -> list[torch.nn.Module]:
             return targets
         raise SmashError(f"{type(denoiser).__name__} is already compiled with {previous}; build a fresh pipeline")
     for module in targets:
-        _replace_forward(module, cfg)
+        _replace_forward(module, cfg, store if cfg.scope == "blocks" else None)
     logger.info(
         "torch.compile (mode=%s, scope=%s): %d module(s) of %s",
         cfg.mode,

@@ -1,0 +1,253 @@
+"""Precompiled block forwards: a warm restart runs stored compiled code, with no dynamo tracing.
+
+With a plain ``torch.compile`` and a filled inductor cache, every new process still re-traces
+each block class with dynamo, rebuilds its guards and looks its graph up in the FX graph cache;
+on this project's CPU machine that is most of the first call of a warm start. Here each block
+class is compiled once per input signature with dynamo's ahead-of-time entry point
+(``torch.compile(...).aot_compile``), which returns the guards and the inductor code as one
+serializable function. It is saved in the compile cache's keyed folder; a later process
+deserializes it (no tracing, no guard building, no FX graph lookups) and calls it directly::
+
+    <cache entry>/precompiled/
+      FluxTransformerBlock/
+        5d1c.../                  sha256 of the block's module structure, shortened
+          a4b2...-9f0e41d2a7c3.bin    one compiled variant (guards + code), named by its call layout
+                                      and its own sha; another shape: another file
+
+The function is compiled from the *class's* ``forward`` with the block passed as ``self``, so
+one compiled variant serves every sibling block (the weights are graph inputs). The guards
+dynamo cannot serialize (object identities: module, function and class matches) are dropped;
+what they protected is checked here instead, before a variant is used: the block's class, its
+submodule types and attention processors, and the call's layout (which arguments are tensors,
+``None`` or which constants). Tensor shapes, strides, dtypes and devices and the grad mode stay
+in the variant's own guards.
+
+A block whose forward dynamo cannot capture whole (a graph break) or whose compiled function
+cannot be serialized falls back to a plain ``torch.compile`` of its forward, with a log line:
+slower to restart, never wrong. The stored files are pickles that run code when loaded: the
+compile cache must be as trusted as the runtime's own installation (it is made by
+``smash-run --precompile`` on the serving machine or baked into its image), never taken from an
+artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TorchCompileConfig
+
+logger = logging.getLogger(__name__)
+
+VARIANT_SUFFIX = ".bin"
+
+
+def _unserializable_guard_types() -> frozenset[str]:
+    from torch._dynamo.guards import CheckFunctionManager
+
+    return frozenset(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
+
+
+def _portable_guards(entries) -> list[bool]:
+    # Identity guards cannot outlive the process; block_layout/call_layout check what they did.
+    dropped = _unserializable_guard_types()
+    return [not ({e.guard_type, *(e.derived_guard_types or ())} & dropped) for e in entries]
+
+
+def block_layout(block: torch.nn.Module) -> str:
+    """What the dropped identity guards stood for: class, submodule types, attention processors."""
+    parts = [f"{type(block).__module__}.{type(block).__qualname__}"]
+    for name, module in block.named_modules():
+        processor = getattr(module, "processor", None)
+        kind = f"{type(processor).__module__}.{type(processor).__qualname__}" if processor is not None else ""
+        parts.append(f"{name}:{type(module).__qualname__}:{kind}")
+    return "\n".join(parts)
+
+
+def call_layout(value: Any) -> Any:
+    """The structure of a call's arguments: tensors by kind, constants by value (tensor details stay in guards)."""
+    if isinstance(value, torch.Tensor):
+        return "T"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(call_layout(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((str(k), call_layout(v)) for k, v in value.items()))
+    return f"<{type(value).__qualname__}>"  # other objects: same type only (as dynamo's TYPE_MATCH)
+
+
+def _short_sha(text: str | bytes, n: int = 16) -> str:
+    data = text.encode() if isinstance(text, str) else text
+    return hashlib.sha256(data).hexdigest()[:n]
+
+
+@dataclass
+class PrecompiledStore:
+    """Compiled block variants in ``folder`` (``None``: compile in memory, keep nothing on disk).
+
+        >>> store = PrecompiledStore(Path("/var/cache/smash/3f9c.../precompiled"), TorchCompileConfig())
+        >>> store.wrap(pipe.transformer.transformer_blocks[0])   # usually through apply_compiler
+        >>> store.stats
+        {'loaded': 2, 'compiled': 0, 'saved': 0, 'fallback': 0, 'ignored': 0}
+    """
+
+    folder: Path | None
+    cfg: TorchCompileConfig
+    stats: dict[str, int] = field(
+        default_factory=lambda: {"loaded": 0, "compiled": 0, "saved": 0, "fallback": 0, "ignored": 0}
+    )
+    # (class, block layout, call layout) -> compiled variants, loaded from disk or compiled here.
+    _variants: dict[tuple[type, str, str], list[Any]] = field(default_factory=dict, repr=False)
+    _loaded: set[tuple[type, str]] = field(default_factory=set, repr=False)
+    _broken: set[type] = field(default_factory=set, repr=False)
+
+    def wrap(self, block: torch.nn.Module) -> PrecompiledForward:
+        """Replace ``block.forward`` with a :class:`PrecompiledForward`; loads stored variants now."""
+        forward = PrecompiledForward(self, block)
+        self._load(type(block), forward.layout)
+        block.forward = forward
+        return forward
+
+    def _dir(self, cls: type, layout: str) -> Path | None:
+        return None if self.folder is None else self.folder / cls.__qualname__ / layout
+
+    def _load(self, cls: type, layout: str) -> None:
+        # Siblings share the class and layout: the folder is read once for all of them.
+        if (cls, layout) in self._loaded:
+            return
+        self._loaded.add((cls, layout))
+        folder = self._dir(cls, layout)
+        if folder is None or not folder.is_dir():
+            return
+        paths = sorted(folder.glob("*" + VARIANT_SUFFIX))
+        for path in paths:
+            call = path.name.split("-", 1)[0]
+            try:
+                with path.open("rb") as f:
+                    variant = torch.compiler.load_compiled_function(f, f_globals=cls.forward.__globals__)
+            except Exception as e:  # another torch's format, a damaged file: compile again instead
+                self.stats["ignored"] += 1
+                logger.warning("ignoring precompiled %s: %s: %s", path, type(e).__name__, str(e)[:200])
+                continue
+            self._variants.setdefault((cls, layout, call), []).append(variant)
+            self.stats["loaded"] += 1
+        logger.info("precompiled %s: %d variant(s) from %s", cls.__qualname__, len(paths), folder)
+
+    def find(self, block: torch.nn.Module, layout: str, call: str, args: tuple, kwargs: dict) -> Callable | None:
+        """The stored variant whose guards accept this call, or None."""
+        for variant in self._variants.get((type(block), layout, call), ()):
+            if variant.guard_check(block, *args, **kwargs):
+                return variant.fn
+        return None
+
+    def compile(self, block: torch.nn.Module, layout: str, call: str, args: tuple, kwargs: dict) -> Callable | None:
+        """Compile a variant for this call (and store it); None when the block cannot be precompiled."""
+        cls = type(block)
+        if cls in self._broken:
+            return None
+        variants = self._variants.setdefault((cls, layout, call), [])
+        if len(variants) >= torch._dynamo.config.recompile_limit:
+            logger.warning("%s: %d precompiled variants already (recompile_limit); this shape runs a plain "
+                           "torch.compile", cls.__qualname__, len(variants))
+            return None
+        options = {**_mode_options(self.cfg), "guard_filter_fn": _portable_guards}
+        try:
+            compiled = torch.compile(cls.forward, fullgraph=True, dynamic=self.cfg.dynamic, options=options)
+            with _without_wrappers(block):
+                variant = compiled.aot_compile(((block, *args), kwargs))
+        except Exception as e:  # graph breaks, unsupported guards or modes: today's lazy compile still works
+            self._broken.add(cls)
+            logger.warning("cannot precompile %s (%s: %s); it uses a plain torch.compile, which re-traces at "
+                           "every start", cls.__qualname__, type(e).__name__, str(e).splitlines()[0][:200])
+            return None
+        variants.append(variant)
+        self.stats["compiled"] += 1
+        self._save(cls, layout, call, variant)
+        return variant.fn
+
+    def _save(self, cls: type, layout: str, call: str, variant: Any) -> None:
+        folder = self._dir(cls, layout)
+        if folder is None:
+            return
+        try:
+            data = type(variant).serialize(variant).serialized_data
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{call}-{_short_sha(data, 12)}{VARIANT_SUFFIX}"
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # replicas filling one volume never see half a file
+        except Exception as e:
+            logger.warning("precompiled %s not saved to %s (%s: %s): the next start compiles it again",
+                           cls.__qualname__, folder, type(e).__name__, str(e)[:200])
+            return
+        self.stats["saved"] += 1
+
+
+_WRAPPER_ATTRS = ("forward", "_diffusers_hook")
+
+
+@contextmanager
+def _without_wrappers(block: torch.nn.Module):
+    # Dynamo pickles the block's __dict__ into the guards: leave out our dispatcher and the cache
+    # hooks around it (they wrap the block from outside and are not part of what is compiled).
+    saved = {name: block.__dict__.pop(name) for name in _WRAPPER_ATTRS if name in block.__dict__}
+    try:
+        yield
+    finally:
+        block.__dict__.update(saved)
+
+
+def hooked_submodules(block: torch.nn.Module) -> list[str]:
+    """Submodules whose forward is wrapped (diffusers or torch hooks): their logic would be traced in."""
+    return [
+        name for name, module in block.named_modules() if name and (
+            "forward" in module.__dict__ or "_diffusers_hook" in module.__dict__
+            or module._forward_hooks or module._forward_pre_hooks
+        )
+    ]
+
+
+def _mode_options(cfg: TorchCompileConfig) -> dict[str, Any]:
+    # torch.compile takes either mode or options; guard_filter_fn is an option, so spell the mode out.
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(cfg.mode, cfg.dynamic))
+
+
+class PrecompiledForward:
+    """A block's ``forward``: a stored variant if one fits, else compiled now (and stored).
+
+    Cache hooks registered later wrap this object from outside, as they wrap a compiled forward.
+    """
+
+    def __init__(self, store: PrecompiledStore, block: torch.nn.Module):
+        self.store = store
+        self.block = block
+        self.original = block.forward  # the bound eager forward, for the fallback
+        self.layout = _short_sha(block_layout(block))
+        self._fallback: Callable | None = None
+
+    def __call__(self, *args, **kwargs):
+        block, store = self.block, self.store
+        fn = None
+        # A hook inside the block (an attention cache) would be traced into the graph with its state
+        # while the guards on that state cannot be stored: such blocks keep a plain torch.compile.
+        if not hooked_submodules(block):
+            call = _short_sha(repr(call_layout((args, kwargs))), 8)
+            fn = store.find(block, self.layout, call, args, kwargs) or store.compile(block, self.layout, call, args, kwargs)
+        if fn is not None:
+            return fn(block, *args, **kwargs)
+        if self._fallback is None:
+            store.stats["fallback"] += 1
+            cfg = store.cfg
+            self._fallback = torch.compile(self.original, mode=cfg.mode, fullgraph=cfg.fullgraph, dynamic=cfg.dynamic)
+        return self._fallback(*args, **kwargs)
