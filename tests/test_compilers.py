@@ -32,6 +32,7 @@ from smash_runtime.compilers import (
     warm_up,
     warmup_config_from_dict,
 )
+from smash_runtime.compilers.precompiled import PrecompiledForward, PrecompiledStore, hooked_submodules
 from smash_runtime.errors import SettingsError, UnsupportedOnDevice
 from smash_runtime.timing import PhaseTimer
 
@@ -85,8 +86,8 @@ def test_blocks_scope_matches_eager_and_compiles_each_block_class_once(compiled)
     pipe = compiled.pipe
     blocks = repeated_blocks(pipe.transformer)
     assert {type(b).__name__ for b in blocks} == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
-    # The blocks' own forward is the compiled function (hooks added later wrap it from outside).
-    assert all(hasattr(b.__dict__["forward"], "_torchdynamo_orig_callable") for b in blocks)
+    # The blocks' own forward is the precompiled dispatcher (hooks added later wrap it from outside).
+    assert all(isinstance(b.__dict__["forward"], PrecompiledForward) for b in blocks)
     assert "forward" not in pipe.transformer.__dict__
     # One graph per block class (+1: FLUX's first single block sees differently strided input),
     # not one per block: the 4 blocks share compiled code.
@@ -138,8 +139,9 @@ def test_fora_after_compile_adds_no_graphs_and_no_recompiles(compiled):
     cachers.apply_cacher(pipe, fora)
     start = unique_graphs()
     warm_up(pipe, WARMUP, progress=False)
-    # The hooks stay outside the compiled blocks: the same graphs as without a cacher.
-    assert unique_graphs() - start == compiled.graphs
+    # The hooks stay outside the compiled blocks: the precompiled blocks serve, nothing is traced.
+    assert unique_graphs() - start == 0
+    assert compiled.cache.report()["precompiled_compiled"] == 0
 
     after_warmup = unique_graphs()
     out = generate(pipe, seed=3, steps=6)  # other seed, prompt length and step count than warm-up
@@ -164,26 +166,58 @@ SECOND_PROCESS = textwrap.dedent(
     cache = CompileCache(sys.argv[1], artifact_hash=sys.argv[2])
     apply_compiler(pipe, TorchCompileConfig(scope="blocks"), cache=cache)
     warm_up(pipe, warmup_config_from_dict(json.loads(sys.argv[3])), progress=False)
-    print(json.dumps(cache.report()))
+    image = pipe("a red cube", num_inference_steps=4, height=64, width=64, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    torch.save(image, sys.argv[5])
+    from torch._dynamo.utils import counters
+    print(json.dumps({**cache.report(), "stats": dict(counters["stats"])}))
     """
 )
 
 
-def test_second_process_hits_the_filled_cache(compiled):
+def test_second_process_runs_the_precompiled_blocks_without_compiling(compiled, tmp_path):
     assert compiled.state == "cold"
-    assert compiled.report["fxgraph_cache_miss"] >= 1 and not compiled.report["hit"]
+    assert not compiled.report["hit"] and compiled.report["precompiled_loaded"] == 0
+    # One variant per block class and input layout: the first single block's input is strided differently.
+    assert compiled.report["precompiled_compiled"] == compiled.report["precompiled_saved"] == compiled.graphs
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     proc = subprocess.run(
         [sys.executable, "-c", SECOND_PROCESS, str(compiled.root), ARTIFACT, json.dumps(config_to_dict(WARMUP)),
-         str(torch.get_num_threads())],
+         str(torch.get_num_threads()), str(tmp_path / "warm.pt")],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["state"] == "warm"
     assert report["folder"] == compiled.report["folder"]
-    assert report["hit"] and report["fxgraph_cache_hit"] >= 1
-    assert report["fxgraph_cache_miss"] == 0
+    assert report["hit"] and report["precompiled_loaded"] == compiled.graphs
+    # Nothing compiled, traced or even looked up: the stored code ran as it was.
+    assert report["precompiled_compiled"] == report["precompiled_fallback"] == 0
+    assert report["stats"].get("unique_graphs", 0) == 0 and report["stats"].get("calls_captured", 0) == 0
+    assert report["fxgraph_cache_miss"] == report["fxgraph_cache_hit"] == report["autograd_cache_miss"] == 0
+    # The same image, bit for bit, as the process that compiled it.
+    assert torch.equal(torch.load(tmp_path / "warm.pt"), generate(compiled.pipe, 0))
+
+
+def test_damaged_precompiled_variant_is_ignored_with_a_log_line(compiled, tmp_path, caplog):
+    (variant,) = list(compiled.root.rglob("precompiled/FluxTransformerBlock/*/*.bin"))
+    store = PrecompiledStore(tmp_path / "precompiled", BLOCKS)
+    copy = store.folder / variant.relative_to(variant.parents[2])
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(variant.read_bytes()[: variant.stat().st_size // 2])  # truncated on a volume
+    pipe = build_tiny("tiny-flux")
+    with caplog.at_level(logging.INFO, logger="smash_runtime.compilers.precompiled"):
+        store.wrap(pipe.transformer.transformer_blocks[0])
+    assert store.stats["ignored"] == 1 and store.stats["loaded"] == 0
+    assert any("ignoring precompiled" in r.message and copy.name in r.message for r in caplog.records), caplog.text
+
+
+def test_blocks_with_hooks_inside_are_not_precompiled():
+    # An attention cache inside a block would be traced in with its state; its guards cannot be stored.
+    block = build_tiny("tiny-flux").transformer.transformer_blocks[0]
+    assert hooked_submodules(block) == []
+    block.attn.register_forward_hook(lambda *a: None)
+    assert hooked_submodules(block) == ["attn"]
 
 
 def test_cache_key_separates_what_invalidates_compiled_code(tmp_path):

@@ -196,6 +196,7 @@ class CompileCache:
             folder, state = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).parent, "temporary"
         self.folder, self.state, self._key = folder, state, key
         self._start = _counters()
+        self._stores = []  # report() counts what happened since this activation
         logger.info("compile cache %s: %s", state, folder)
         return state
 
