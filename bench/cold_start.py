@@ -5,9 +5,10 @@ a server restart or a scaled-out replica sees it. Scenarios, each run ``--runs``
 
     eager   no compiler
     cold    torch.compile with an empty compile cache (a fresh folder each run)
-    warm    torch.compile with the cache the first cold run filled
+    warm    torch.compile with the cache the first cold run filled (precompiled blocks: no tracing)
 
-and the table gives medians. The model is one of:
+and the table gives medians of each phase (imports, load, first call) and the ratio of each
+scenario's start-to-first-image to the eager one's (the warm-start target is <= 1.2x). The model is one of:
 
     --model tiny-flux     the tiny FluxPipeline (smash_build.tiny_models), full text-to-image calls
     --model flux-medium   a FLUX transformer of 12 blocks at width 1024 alone, one call = --steps
@@ -79,6 +80,8 @@ def _medium_flux_call(model, args, device, dtype):
 def child(args) -> dict:
     t0 = time.perf_counter()
     import torch
+
+    torch.set_num_threads(args.threads)
     from torch._dynamo.utils import counters
 
     from smash_runtime.compilers import CompileCache, TorchCompileConfig, apply_compiler, config_to_dict
@@ -96,6 +99,7 @@ def child(args) -> dict:
                                   compiler=config_to_dict(cfg) if cfg else False,
                                   compile_cache=args.cache_root if cfg else None)
         out["load_phases"] = pipe.smash.timings
+        cache = pipe.smash.compile_cache
     elif args.model == "tiny-flux":
         from smash_build.tiny_models import build_tiny
 
@@ -130,7 +134,10 @@ def child(args) -> dict:
     out["second_call_s"] = time.perf_counter() - t
     out["fxgraph_cache_hit"] = counters["inductor"]["fxgraph_cache_hit"]
     out["fxgraph_cache_miss"] = counters["inductor"]["fxgraph_cache_miss"]
-    out["cache_state"] = cache.state if cache else None  # the loader keeps its cache to itself
+    out["cache_state"] = cache.state if cache else None
+    report = cache.report() if cache else {}
+    out["precompiled"] = {k: report.get(f"precompiled_{k}", 0) for k in ("loaded", "compiled", "fallback")}
+    out["graphs_traced"] = counters["stats"]["unique_graphs"]
     out["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     out["torch"] = torch.__version__
     out["in_process_s"] = time.perf_counter() - t0
@@ -144,7 +151,7 @@ def run_process(args, scenario: str, cache_root: Path) -> dict:
     output = cache_root.parent / f"output-{scenario}-{time.monotonic_ns()}.pt"
     cmd = [sys.executable, __file__, "--child", "--scenario", scenario, "--cache-root", str(cache_root),
            "--save-output", str(output)]
-    for name in ("model", "artifact", "device", "dtype", "height", "width", "steps", "mode", "scope"):
+    for name in ("model", "artifact", "device", "dtype", "height", "width", "steps", "mode", "scope", "threads"):
         value = getattr(args, name)
         if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
@@ -161,29 +168,38 @@ def run_process(args, scenario: str, cache_root: Path) -> dict:
     result["output"] = str(output)
     print(f"  {scenario:5s} process {wall:7.1f} s  load {result['load_s']:6.2f} s  first call "
           f"{result['first_call_s']:7.2f} s  second {result['second_call_s']:6.2f} s  "
-          f"fx cache hit/miss {result['fxgraph_cache_hit']}/{result['fxgraph_cache_miss']}", file=sys.stderr)
+          f"imports {result['import_s']:5.2f} s  graphs traced {result['graphs_traced']}  "
+          f"fx cache hit/miss {result['fxgraph_cache_hit']}/{result['fxgraph_cache_miss']}  "
+          f"precompiled {result['precompiled']}"
+          + (f"  load phases {json.dumps({k: round(v, 2) for k, v in result['load_phases'].items()})}"
+             if result.get("load_phases") else ""), file=sys.stderr)
     return result
 
 
 def summarize(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     keys = ("process_s", "import_s", "load_s", "first_call_s", "second_call_s")
-    return {s: {k: statistics.median(r[k] for r in runs) for k in keys} for s, runs in results.items()}
+    out = {s: {k: statistics.median(r[k] for r in runs) for k in keys} for s, runs in results.items()}
+    for s, runs in results.items():  # start to first image: the whole process minus its second call
+        out[s]["to_first_s"] = statistics.median(r["process_s"] - r["second_call_s"] for r in runs)
+    return out
 
 
 def markdown(summary: dict, args, device: str, torch_version: str) -> str:
     what = f"artifact {args.artifact}" if args.artifact else args.model
     lines = [
         f"{what}, {args.height}x{args.width}, {args.steps} steps, {args.dtype}, torch.compile mode={args.mode} "
-        f"scope={args.scope}; {device}, torch {torch_version}; medians of {args.runs} whole-process runs.",
+        f"scope={args.scope}; {device}, torch {torch_version}, {args.threads} thread(s); medians of {args.runs} "
+        "whole-process runs.",
         "",
-        "| scenario | process to first image (s) | load (s) | first call (s) | second call (s) |",
-        "|---|---:|---:|---:|---:|",
+        "| scenario | process to first image (s) | vs eager | imports (s) | load (s) | first call (s) | second call (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     labels = {"eager": "eager (no compile)", "cold": "compiled, no cache", "warm": "compiled, filled cache"}
+    eager = summary.get("eager")
     for s, row in summary.items():
-        to_first = row["process_s"] - row["second_call_s"]
-        lines.append(f"| {labels[s]} | {to_first:.1f} | {row['load_s']:.2f} | {row['first_call_s']:.2f} | "
-                     f"{row['second_call_s']:.3f} |")
+        ratio = f"{row['to_first_s'] / eager['to_first_s']:.2f}x" if eager else "-"
+        lines.append(f"| {labels[s]} | {row['to_first_s']:.1f} | {ratio} | {row['import_s']:.2f} | {row['load_s']:.2f} | "
+                     f"{row['first_call_s']:.2f} | {row['second_call_s']:.3f} |")
     if "cold" in summary and "warm" in summary:
         ratio = summary["cold"]["first_call_s"] / summary["warm"]["first_call_s"]
         lines += ["", f"First call with a filled cache: {ratio:.1f}x faster than without."]
@@ -202,6 +218,7 @@ def main(argv=None) -> None:
     p.add_argument("--mode", default="default")
     p.add_argument("--scope", default="blocks", choices=("blocks", "model"))
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each process (default 1)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--json", type=Path, help="write every run and the medians here")
     p.add_argument("--markdown", action="store_true", help="print the docs table")

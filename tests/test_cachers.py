@@ -286,6 +286,40 @@ def test_deepcache_deep_blocks_run_only_on_scheduled_steps(sdxl):
         remove_cacher(pipe)
 
 
+def test_deepcache_layer_caches_inside_the_shallowest_blocks():
+    """``layer`` (the paper's cache_block_id): only down_blocks[0].resnets[0] and the up layers fed by it run."""
+    pipe = build_tiny("tiny-sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    unet = pipe.unet
+    cached = deep_modules(unet, 0, layer=0)
+    assert [name for name, _ in cached] == [
+        "down_blocks.0.resnets.1", "down_blocks.0.downsamplers.0", "down_blocks.1", "mid_block", "up_blocks.0",
+        "up_blocks.1.resnets.0",
+    ]
+    fresh = [unet.down_blocks[0].resnets[0], unet.up_blocks[1].resnets[1], unet.up_blocks[1].resnets[2]]
+    deep, shallow = CallCounter(unet, [m for _, m in cached]), CallCounter(unet, fresh)
+    base = run_sdxl(pipe, steps=6)
+    apply_cacher(pipe, DeepCacheConfig(interval=1, branch=0, layer=0))
+    assert torch.equal(run_sdxl(pipe, steps=6), base)  # every step full: the same image
+    deep.take(), shallow.take()
+    whole_blocks = DeepCacheConfig(interval=2, branch=0)
+    apply_cacher(pipe, whole_blocks)
+    block_error = rel_err(run_sdxl(pipe, steps=6), base)
+    deep.take(), shallow.take()
+    apply_cacher(pipe, DeepCacheConfig(interval=2, branch=0, layer=0))
+    out = run_sdxl(pipe, steps=6)
+    assert deep.take() == [6, 0] * 3
+    assert shallow.take() == [3] * 6
+    assert cacher_stats(pipe).per_step() == [6, 0] * 3
+    # Skipping more of the UNet costs fidelity, within the same bounds as whole-block caching.
+    assert 0 < block_error <= rel_err(out, base) < 0.25, (block_error, rel_err(out, base))
+    remove_cacher(pipe)
+    assert torch.equal(run_sdxl(pipe, steps=6), base)
+    with pytest.raises(SettingsError) as err:
+        apply_cacher(pipe, DeepCacheConfig(branch=0, layer=2))
+    assert err.value.key == "layer" and "0 to 1" in str(err.value) and "down_blocks.0" in str(err.value)
+
+
 def test_deepcache_branch_out_of_range(sdxl):
     pipe, *_ = sdxl
     with pytest.raises(SettingsError) as err:
@@ -354,6 +388,7 @@ def test_apply_refuses_wrong_family():
         ({"name": "fora", "interval": "3"}, "interval", "integer"),
         ({"name": "fora", "start_step": -1}, "start_step", ">= 0"),
         ({"name": "deepcache", "branch": 1.5}, "branch", "integer"),
+        ({"name": "deepcache", "layer": -1}, "layer", "integer"),
         ({"name": "pab", "timestep_range": [800, 100]}, "timestep_range", "start < end"),
         ({"name": "fastercache", "timestep_range": [-1, 1000]}, "timestep_range", "999"),
         ({"name": "fastercache", "attention_weight": 2}, "attention_weight", "from 0.0 to 1.0"),
