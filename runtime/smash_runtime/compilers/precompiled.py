@@ -132,7 +132,7 @@ class PrecompiledStore:
         for path in paths:
             call = path.name.split("-", 1)[0]
             try:
-                with path.open("rb") as f:
+                with path.open("rb") as f, _trusted_cpu_isa():
                     variant = torch.compiler.load_compiled_function(f, f_globals=cls.forward.__globals__)
             except Exception as e:  # another torch's format, a damaged file: compile again instead
                 self.stats["ignored"] += 1
@@ -162,7 +162,7 @@ class PrecompiledStore:
         options = {**_mode_options(self.cfg), "guard_filter_fn": _portable_guards}
         try:
             compiled = torch.compile(cls.forward, fullgraph=True, dynamic=self.cfg.dynamic, options=options)
-            with _without_wrappers(block):
+            with _without_wrappers(block), _trusted_cpu_isa():
                 variant = compiled.aot_compile(((block, *args), kwargs))
         except Exception as e:  # graph breaks, unsupported guards or modes: today's lazy compile still works
             self._broken.add(cls)
@@ -193,6 +193,16 @@ class PrecompiledStore:
 
 
 _WRAPPER_ATTRS = ("forward", "_diffusers_hook")
+
+
+def _trusted_cpu_isa():
+    # Before loading C++ kernels, inductor proves each vector ISA the CPU flags list by building
+    # a probe and dlopen-ing it in a new Python process: half of a warm start's load on the
+    # 2-core machine. The flags are trusted instead; the cache key already pins the ISA, and a
+    # compile that fails anyway falls back to a plain torch.compile (which probes).
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch({"cpp.vec_isa_ok": True})
 
 
 @contextmanager
