@@ -111,6 +111,10 @@ def settings(only: set[str] | None, mag_ratios: list[float] | None) -> list[tupl
                 {"name": "magcache", "max_skip_steps": i - 1, "threshold": 0.24, "mag_ratios": mag_ratios},
             ),
             ("sdxl", f"deepcache interval={i}", {"name": "deepcache", "interval": i, "branch": 0}),
+            # Inside the shallowest blocks too (the paper's cache_block_id): layer 1 also skips
+            # down_blocks[0]'s downsampler, layer 0 its second layer and the mirroring up layer.
+            ("sdxl", f"deepcache interval={i} layer=1", {"name": "deepcache", "interval": i, "branch": 0, "layer": 1}),
+            ("sdxl", f"deepcache interval={i} layer=0", {"name": "deepcache", "interval": i, "branch": 0, "layer": 0}),
         ]
     rows.append(("flux", "fora interval=3 start_step=2 (default)", {"name": "fora", "interval": 3, "start_step": 2}))
     # Random weights change block 0's residual a lot between steps: small thresholds never skip.
