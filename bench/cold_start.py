@@ -127,8 +127,10 @@ def child(args) -> dict:
         if args.model == "flux-medium" and not args.artifact:
             return _medium_flux_call(pipe, args, args.device, dtype)
         pipe.set_progress_bar_config(disable=True)
-        images = pipe("a red cube on a table", height=args.height, width=args.width, num_inference_steps=args.steps,
-                      generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
+        with torch.inference_mode():  # as smash_runtime.images.generate runs requests
+            images = pipe("a red cube on a table", height=args.height, width=args.width,
+                          num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(0),
+                          output_type="pt").images
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return images

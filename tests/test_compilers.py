@@ -44,10 +44,12 @@ ATOL = 1e-4
 
 
 def generate(pipe, seed: int = 0, steps: int = 4, prompt: str = "a red cube") -> torch.Tensor:
-    return pipe(
-        prompt, num_inference_steps=steps, height=64, width=64, output_type="pt",
-        generator=torch.Generator().manual_seed(seed),
-    ).images
+    # Under inference mode, as smash_runtime.images.generate and warm_up run the pipeline.
+    with torch.inference_mode():
+        return pipe(
+            prompt, num_inference_steps=steps, height=64, width=64, output_type="pt",
+            generator=torch.Generator().manual_seed(seed),
+        ).images
 
 
 def unique_graphs() -> int:
@@ -166,8 +168,9 @@ SECOND_PROCESS = textwrap.dedent(
     cache = CompileCache(sys.argv[1], artifact_hash=sys.argv[2])
     apply_compiler(pipe, TorchCompileConfig(scope="blocks"), cache=cache)
     warm_up(pipe, warmup_config_from_dict(json.loads(sys.argv[3])), progress=False)
-    image = pipe("a red cube", num_inference_steps=4, height=64, width=64, output_type="pt",
-                 generator=torch.Generator().manual_seed(0)).images
+    with torch.inference_mode():
+        image = pipe("a red cube", num_inference_steps=4, height=64, width=64, output_type="pt",
+                     generator=torch.Generator().manual_seed(0)).images
     torch.save(image, sys.argv[5])
     from torch._dynamo.utils import counters
     print(json.dumps({**cache.report(), "stats": dict(counters["stats"])}))

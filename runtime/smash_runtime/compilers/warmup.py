@@ -19,7 +19,9 @@ def warm_up(pipe, warmup_cfg: WarmupConfig, progress: bool = True) -> dict[str, 
     """Call ``pipe`` once per shape of ``warmup_cfg``; returns the time each took.
 
     The calls use their own seeded generator (the caller's global RNG stream is untouched) and
-    return latents (the VAE is not compiled, decoding it teaches nothing).
+    return latents (the VAE is not compiled, decoding it teaches nothing). They run under
+    ``torch.inference_mode()``, as ``smash_runtime.images.generate`` runs requests: compiled code
+    is specialized to the grad mode, so a warm-up under another one compiles code no request uses.
 
         >>> warm_up(pipe, warmup_config_from_dict({"shapes": [{"height": 1024, "width": 1024, "steps": 28}]}))
         {'shapes': [{'height': 1024, 'width': 1024, 'steps': 28, 'batch': 1, 'seconds': 41.2}], 'total_s': 41.2}
@@ -34,14 +36,15 @@ def warm_up(pipe, warmup_cfg: WarmupConfig, progress: bool = True) -> dict[str, 
         bar = tqdm(total=len(shapes), desc="warm-up", unit="shape")
     for i, shape in enumerate(shapes, 1):
         start = time.perf_counter()
-        pipe(
-            prompt=[WARMUP_PROMPT] * shape.batch,
-            height=shape.height,
-            width=shape.width,
-            num_inference_steps=shape.steps,
-            generator=torch.Generator("cpu").manual_seed(0),
-            output_type="latent",
-        )
+        with torch.inference_mode():
+            pipe(
+                prompt=[WARMUP_PROMPT] * shape.batch,
+                height=shape.height,
+                width=shape.width,
+                num_inference_steps=shape.steps,
+                generator=torch.Generator("cpu").manual_seed(0),
+                output_type="latent",
+            )
         seconds = time.perf_counter() - start
         results.append({"height": shape.height, "width": shape.width, "steps": shape.steps, "batch": shape.batch,
                         "seconds": seconds})
