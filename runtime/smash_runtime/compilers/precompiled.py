@@ -18,9 +18,9 @@ The function is compiled from the *class's* ``forward`` with the block passed as
 one compiled variant serves every sibling block (the weights are graph inputs). The guards
 dynamo cannot serialize (object identities: module, function and class matches) are dropped;
 what they protected is checked here instead, before a variant is used: the block's class, its
-submodule types and attention processors, and the call's layout (which arguments are tensors,
-``None`` or which constants). Tensor shapes, strides, dtypes and devices and the grad mode stay
-in the variant's own guards.
+submodule types and attention processors, and the call's layout (each tensor argument's shape,
+strides, dtype, device and requires_grad; ``None`` and constants by value). The grad mode and the
+weights' tensor guards stay in the variant's own guards.
 
 A block whose forward dynamo cannot capture whole (a graph break) or whose compiled function
 cannot be serialized falls back to a plain ``torch.compile`` of its forward, with a log line:
@@ -58,8 +58,16 @@ def _unserializable_guard_types() -> frozenset[str]:
 
 def _portable_guards(entries) -> list[bool]:
     # Identity guards cannot outlive the process; block_layout/call_layout check what they did.
+    # Tensor guards on the call's own arguments also pin their dispatch keys, which differ between
+    # a tensor made under inference mode and one made before it (a cache hook's stored residual):
+    # call_layout checks shape, strides, dtype, device and requires_grad instead. The grad mode
+    # stays guarded (GLOBAL_STATE), and so do the block's own weights (sources under ``self``).
     dropped = _unserializable_guard_types()
-    return [not ({e.guard_type, *(e.derived_guard_types or ())} & dropped) for e in entries]
+    return [
+        not ({e.guard_type, *(e.derived_guard_types or ())} & dropped)
+        and not (e.guard_type == "TENSOR_MATCH" and not e.name.startswith("L['self']"))
+        for e in entries
+    ]
 
 
 def block_layout(block: torch.nn.Module) -> str:
@@ -73,9 +81,9 @@ def block_layout(block: torch.nn.Module) -> str:
 
 
 def call_layout(value: Any) -> Any:
-    """The structure of a call's arguments: tensors by kind, constants by value (tensor details stay in guards)."""
+    """The structure of a call's arguments: tensors by shape, strides, dtype, device; constants by value."""
     if isinstance(value, torch.Tensor):
-        return "T"
+        return ("T", tuple(value.shape), value.stride(), str(value.dtype), str(value.device), value.requires_grad)
     if value is None or isinstance(value, (bool, int, float, str)):
         return repr(value)
     if isinstance(value, (tuple, list)):
