@@ -39,7 +39,7 @@ from .manifest import Manifest
 from .model_card import render_model_card
 from .sources import DTYPES, SourceRef, denoiser_name, load_pipeline, materialize_builtin, resolve_source
 from .streaming import component_nbytes, should_stream, stream_component
-from .transforms import QuantizationReport, diffusers_quantization_config, quantize
+from .transforms import QuantizationReport, diffusers_quantization_config, quantization_record, quantize
 
 _VERSIONED = ("torch", "diffusers", "transformers", "torchao", "safetensors", "smash-build", "smash-runtime")
 
@@ -188,9 +188,9 @@ def _build_in_memory(manifest, source, target, step, max_shard_bytes) -> BuildRe
         if b.quantize:
             step(f"quantizing {name} with {b.quantize.method}")
             change.quantization = quantize(module, b.quantize.method, b.quantize.exclude_globs)
-            extras[name]["quantization"] = {"method": b.quantize.method}
+            extras[name]["quantization"] = quantization_record(b.quantize.method)
             quant_configs[name] = diffusers_quantization_config(
-                b.quantize.method, unfused_names(change.quantization.excluded, fused_parts(module)))
+                b.quantize.method, unfused_names(change.quantization.excluded + change.quantization.skipped, fused_parts(module)))
         changes.append(change)
 
     step(f"writing artifact to {target}")

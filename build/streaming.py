@@ -32,7 +32,7 @@ from smash_runtime.structure import (
 from smash_runtime.tensors import ShardWriter, index_name, split_aliases
 
 from .exporters.artifact import component_record, plain_loading_record, write_config, write_loading_config
-from .transforms import QuantizationReport, diffusers_quantization_config, quantize
+from .transforms import QuantizationReport, diffusers_quantization_config, quantization_record, quantize
 
 # Above this a component is built by streaming even when not asked to.
 AUTO_THRESHOLD_BYTES = 8 * 1024**3
@@ -170,12 +170,12 @@ def stream_component(
     writer.close()
     quant_config = None
     if report is not None:
-        quant_config = diffusers_quantization_config(quantize_method, unfused_names(report.excluded, layout))
+        quant_config = diffusers_quantization_config(quantize_method, unfused_names(report.excluded + report.skipped, layout))
     loadable = write_loading_config(out_folder, record["library"], quant_config, kept_fused)
     progress(len(units), len(units), "done")
     extras = {}
     if fuse:
         extras["fused_qkv"] = True
     if quantize_method:
-        extras["quantization"] = {"method": quantize_method}
+        extras["quantization"] = quantization_record(quantize_method)
     return {**component_record(skeleton), **extras, **plain_loading_record(loadable)}, report, fused, bytes_before

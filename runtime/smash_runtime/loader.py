@@ -78,13 +78,33 @@ def resolve_artifact(path_or_repo_id: str | os.PathLike) -> Path:
     return download_artifact(repo_id, revision)
 
 
+def _recorded_need(name: str, quantization: dict[str, Any]) -> tuple[int, int] | None:
+    """The compute capability the artifact says its weights need (``requires`` in the record)."""
+    requires = quantization.get("requires")
+    if requires is None:
+        return None
+    text = requires.get("compute_capability") if isinstance(requires, dict) else None
+    major, dot, minor = str(text).partition(".")
+    if not (isinstance(requires, dict) and requires.get("device") == "cuda" and major.isdigit() and minor.isdigit() and dot):
+        raise ArtifactError(
+            f"components.{name}.quantization.requires = {str(requires)[:80]!r}: expected "
+            '{"device": "cuda", "compute_capability": "MAJOR.MINOR"}', file=MANIFEST_FILE)
+    return int(major), int(minor)
+
+
 def check_device_support(manifest: dict[str, Any], device: str) -> None:
-    """Refuse quantized weights whose kernels this device lacks, before reading any weight."""
+    """Refuse quantized weights whose kernels this device lacks, before reading any weight.
+
+    The need is this runtime's own table for the method, raised to what the artifact records
+    in ``requires`` (an artifact can ask for more, never for less).
+    """
     for name, record in manifest["components"].items():
-        method = (record.get("quantization") or {}).get("method")
-        if method not in _CUDA_ONLY:
+        quantization = record.get("quantization") or {}
+        method = quantization.get("method")
+        needs = [n for n in (_CUDA_ONLY.get(method), _recorded_need(name, quantization)) if n]
+        if not needs:
             continue
-        need = _CUDA_ONLY[method]
+        need = max(needs)
         if not device.startswith("cuda"):
             raise UnsupportedOnDevice(
                 f"component {name!r} is quantized with {method}, which needs a CUDA GPU with compute "
