@@ -20,12 +20,23 @@ because speed-up and PSNR are measured against it in the same process:
 
     flux-baseline                bf16, eager
     flux-fora3                   FORA interval 3 (smash_runtime.cachers)
-    flux-int8dq                  fuse_qkv + int8 dynamic quantization, norms and embedders kept bf16
+    flux-fp8dq                   fuse_qkv + float8 dynamic quantization (per row), norms and embedders kept bf16
     flux-compile                 torch.compile, regional (scope = "blocks")
-    flux-fora3-int8dq-compile    the three together
+    flux-fora3-fp8dq-compile     FORA 3 + fp8dq + compile: what an H100/H200 user would pick
+    flux-int8dq                  fuse_qkv + int8 dynamic quantization, norms and embedders kept bf16
+    flux-fora3-int8dq-compile    the published reference recipe (4.2x on an L40S)
     flux-fora2                   FORA interval 2
     sdxl-baseline                bf16, eager, CFG 5.0
     sdxl-deepcache3-compile      DeepCache interval 3 + regional torch.compile
+    sdxl-deepcache3-fused-compile  the same + fuse_qkv: the reference recipe without stable-fast
+
+Before the fp8dq configurations, a check (``fp8dq_cpu_bake_check``): tiny-flux baked with fp8dq by
+the builder on the CPU into an artifact, loaded on the GPU with ``smash_runtime.load``, against the
+same source weights quantized on the GPU by torchao's own handler: stored tensors and the final
+latent must be bit-identical (plus one FLUX-sized weight, quantized both ways). Its outcome is
+``fp8dq_cpu_bake`` in results.json; on a CPU (``--dry-run``) the bake runs and the GPU half is
+skipped. The timed fp8dq configurations quantize on the GPU (a full-size artifact cannot travel
+to the device machine; the check shows the two give the same tensors).
 
 Per configuration: median and p90 latency of the whole pipeline call (CUDA-synchronized, after one
 untimed first call: a full one for compiled configurations, 3 steps for eager ones), speed-up vs
@@ -239,7 +250,7 @@ QUANT_EXCLUDE = ("*norm*", "*embed*")
 class Config:
     name: str
     family: str
-    weights: str  # "bf16" or "int8dq" (fuse_qkv, then int8 dynamic quantization)
+    weights: str  # "bf16", "fused" (fuse_qkv), or "int8dq"/"fp8dq" (fuse_qkv, then that quantization)
     cacher: dict | None
     compile: bool
     description: str
@@ -250,15 +261,21 @@ class Config:
 CONFIGS: tuple[Config, ...] = (
     Config("flux-baseline", "flux", "bf16", None, False, "bf16, eager (plain diffusers)", 1.0),
     Config("flux-fora3", "flux", "bf16", FORA3, False, "FORA interval 3, start step 2", 0.45),
+    Config("flux-fp8dq", "flux", "fp8dq", None, False,
+           "fuse_qkv + float8 dynamic quant, per row (norms, embedders excluded)", 0.8),
+    Config("flux-compile", "flux", "bf16", None, True, "torch.compile, regional (blocks)", 0.9),
+    Config("flux-fora3-fp8dq-compile", "flux", "fp8dq", FORA3, True,
+           "FORA 3 + fuse_qkv + fp8dq + torch.compile (blocks)", 0.3),
     Config("flux-int8dq", "flux", "int8dq", None, False,
            "fuse_qkv + int8 dynamic quant (norms, embedders excluded)", 1.2),
-    Config("flux-compile", "flux", "bf16", None, True, "torch.compile, regional (blocks)", 0.9),
     Config("flux-fora3-int8dq-compile", "flux", "int8dq", FORA3, True,
            "FORA 3 + fuse_qkv + int8dq + torch.compile (blocks)", 0.35),
     Config("flux-fora2", "flux", "bf16", FORA2, False, "FORA interval 2, start step 2", 0.6),
     Config("sdxl-baseline", "sdxl", "bf16", None, False, "bf16, eager, CFG 5.0 (plain diffusers)", 1.0),
     Config("sdxl-deepcache3-compile", "sdxl", "bf16", DEEPCACHE3, True,
            "DeepCache interval 3 (branch 0) + torch.compile (blocks)", 0.45),
+    Config("sdxl-deepcache3-fused-compile", "sdxl", "fused", DEEPCACHE3, True,
+           "DeepCache interval 3 (branch 0) + fuse_qkv + torch.compile (blocks)", 0.4),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 
@@ -382,6 +399,10 @@ class Results:
             )
         for s in self.skipped:
             lines.append(f"| {s['config']} | | | | | | | | | | skipped: {s['reason']} |")
+        check = self.meta.get("fp8dq_cpu_bake")
+        if check:
+            lines += ["", f"fp8dq baked on the CPU vs quantized on the device: {check.get('status')} "
+                          f"({', '.join(f'{k} {v}' for k, v in check.items() if k != 'status')})"]
         lines.append("")
         return "\n".join(lines)
 
@@ -587,17 +608,20 @@ class ModelPool:
         n = sum(p.numel() for p in model.parameters())
         size = f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
         log(f"  built {type(model).__name__}: {size} parameters in {time.perf_counter() - start:.1f}s")
-        if weights == "int8dq":
+        if weights in ("fused", "int8dq", "fp8dq"):
             from smash_build.transforms import quantize
             from smash_runtime.structure import fuse_qkv
 
             t = time.perf_counter()
-            fused = fuse_qkv(model)  # fusion before quantization: torchao int8 tensors cannot be concatenated
-            report = quantize(model, "int8dq", QUANT_EXCLUDE)
+            fused = fuse_qkv(model)  # fusion before quantization: torchao tensors cannot be concatenated
+            done = f"fuse_qkv ({fused} attention modules)"
+            if weights != "fused":
+                report = quantize(model, weights, QUANT_EXCLUDE)
+                done += (f" + {weights} ({len(report.quantized)} linears quantized, "
+                         f"{len(report.excluded) + len(report.skipped)} kept)")
             _free_memory(self.device)
             _sync(self.device)
-            log(f"  fuse_qkv ({fused} attention modules) + int8dq ({len(report.quantized)} linears quantized, "
-                f"{len(report.excluded)} kept) in {time.perf_counter() - t:.1f}s")
+            log(f"  {done} in {time.perf_counter() - t:.1f}s")
         elif weights != "bf16":
             raise ValueError(weights)
         seconds = time.perf_counter() - start
@@ -684,7 +708,7 @@ def estimate(cfg: Config, ctx: Context, runs: int) -> float:
     call = ctx.baseline_s.get(cfg.family, fam.prior_call_s) * cfg.cost_factor
     total = (warmup_steps(cfg, fam) / fam.steps + runs) * call
     if not ctx.pool.has(cfg.family, cfg.weights, cfg.compile):
-        prior = fam.prior_build_s * (2 if cfg.weights == "int8dq" else 1)  # + fuse and quantize
+        prior = fam.prior_build_s * (1 if cfg.weights == "bf16" else 2)  # + fuse and quantize
         total += ctx.pool.build_s.get((cfg.family, cfg.weights), prior)
     held = ctx.pool.held.get((cfg.family, cfg.weights))
     if cfg.compile and not (held and held.compiled):
@@ -820,6 +844,105 @@ def _summarize(cfg: Config, ctx: Context, row: Row, compiling: bool) -> None:
         ctx.compile_s[cfg.family] = max(ctx.compile_s.get(cfg.family, 0.0), row.compile_s)
 
 
+# -- fp8dq baked on a CPU == fp8dq quantized on the GPU --------------------------------------------
+
+FP8_CHECK_MANIFEST = """
+[model]
+source = "builtin:tiny-flux"
+dtype = "bfloat16"
+
+[build]
+fuse_qkv = true
+quantize = { method = "fp8dq", exclude = ["norm+embedding"] }
+"""
+
+
+def _float8_fields(state: dict) -> dict:
+    """``{name: (qdata bytes, scale, settings)}`` of a state dict's Float8Tensors, on the CPU."""
+    import torch
+
+    out = {}
+    for name, t in state.items():
+        if hasattr(t, "act_quant_kwargs"):
+            settings = (t.block_size, t.mm_config, t.act_quant_kwargs, t.kernel_preference, t.dtype)
+            out[name] = (t.qdata.cpu().view(torch.uint8), t.scale.cpu(), settings)
+    return out
+
+
+def _same_float8(a: dict, b: dict) -> list[str]:
+    """Names whose stored float8 bytes, scales or settings differ (or exist on one side only)."""
+    import torch
+
+    differ = sorted(a.keys() ^ b.keys())
+    for name in sorted(a.keys() & b.keys()):
+        (qa, sa, xa), (qb, sb, xb) = a[name], b[name]
+        if not (torch.equal(qa, qb) and torch.equal(sa, sb) and xa == xb):
+            differ.append(name)
+    return differ
+
+
+def fp8dq_cpu_bake_check(device, work: Path, seed: int = 0) -> dict:
+    """Bake tiny-flux with fp8dq on the CPU (the builder's path), load the artifact on ``device``;
+    quantize the same source weights there with torchao's own handler; compare tensors and latents.
+
+    On a device that cannot run fp8dq (a CPU, a GPU below sm 8.9) the bake runs and the
+    comparison is skipped, with the reason in ``status``.
+    """
+    import torch
+
+    from smash_build.builder import build
+    from smash_build.manifest import parse_manifest
+    from smash_build.sources import load_pipeline, resolve_source
+    from smash_build.transforms import float8_dynamic_weight, quantization_config, quantize
+    from smash_runtime.structure import fuse_qkv
+    from torchao.utils import _is_mslk_available
+
+    t = time.perf_counter()
+    manifest = parse_manifest(FP8_CHECK_MANIFEST, base_dir=work)
+    result = build(manifest, out_dir=work / "tiny-flux-fp8dq")
+    baked = _float8_fields(result.pipeline.transformer.state_dict())
+    check: dict[str, Any] = {"artifact": "builtin:tiny-flux, bfloat16, fuse_qkv, fp8dq (norm+embedding kept)",
+                             "baked_on": "cpu", "float8_tensors": len(baked),
+                             "mslk_available": _is_mslk_available()}
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        check["status"] = f"skipped: {device} cannot run fp8dq (needs CUDA compute capability >= 8.9)"
+        check["seconds"] = round(time.perf_counter() - t, 1)
+        return check
+    import smash_runtime
+
+    loaded = smash_runtime.load(result.artifact.path, device=str(device), cacher=False, compiler=False)
+    source = load_pipeline(resolve_source("builtin:tiny-flux", None), "bfloat16")
+    reference = source.transformer
+    fuse_qkv(reference)
+    reference.to(device)
+    quantize(reference, "fp8dq", manifest.build.quantize.exclude_globs)  # on CUDA: torchao's own handler
+    differ = _same_float8(_float8_fields(loaded.transformer.state_dict()), _float8_fields(reference.state_dict()))
+    check["tensors_differing"] = differ[:10]
+
+    def latent(transformer):
+        pipe = type(loaded).from_pipe(loaded, transformer=transformer)
+        with torch.inference_mode():
+            return pipe("a red cube", num_inference_steps=4, height=64, width=64, output_type="latent",
+                        generator=torch.Generator("cpu").manual_seed(seed)).images.float().cpu()
+
+    a, b = latent(loaded.transformer), latent(reference)
+    check["latent_identical"] = bool(torch.equal(a, b))
+    check["latent_max_abs_diff"] = float((a - b).abs().max())
+    # One FLUX.1-dev-sized weight (a single block's MLP input, 12288 x 3072): CPU bake vs GPU handler.
+    gen = torch.Generator("cpu").manual_seed(seed)
+    weight = (torch.randn(12288, 3072, generator=gen) * 0.02).to(torch.bfloat16)
+    on_cpu = float8_dynamic_weight(weight, quantization_config("fp8dq"))
+    layer = torch.nn.Linear(3072, 12288, bias=False, dtype=torch.bfloat16, device=device)
+    layer.weight.data.copy_(weight)
+    quantize(layer, "fp8dq")
+    check["flux_sized_weight_identical"] = not _same_float8(_float8_fields({"w": on_cpu}),
+                                                            _float8_fields({"w": layer.weight}))
+    ok = not differ and check["latent_identical"] and check["flux_sized_weight_identical"]
+    check["status"] = "identical" if ok else "DIFFERENT"
+    check["seconds"] = round(time.perf_counter() - t, 1)
+    return check
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -874,7 +997,13 @@ def setup(args: argparse.Namespace, results: Results, budget: Budget) -> Context
         results.meta["gpu_mem_gib"] = round(torch.cuda.get_device_properties(device).total_memory / GIB, 1)
     else:
         device_name = f"CPU ({platform.processor() or platform.machine()})"
+    import smash_build
+    import smash_runtime
+
     results.meta.update(
+        # where the code came from: the carried wheels ($SMASH_SITE) or a checkout
+        imported_from={m.__name__: str(Path(m.__file__).parent)
+                       for m in (smash_runtime, smash_build, diffusers, torchao)},
         device=device_name,
         torch=torch.__version__,
         cuda=torch.version.cuda,
@@ -945,6 +1074,23 @@ def run_all(ctx: Context, pending: list[Config]) -> None:
             _free_memory(device)
 
 
+def run_fp8_check(ctx: Context) -> dict:
+    """:func:`fp8dq_cpu_bake_check` in a scratch folder; a failure is recorded, never fatal."""
+    import tempfile
+
+    log("fp8dq check: bake tiny-flux on the CPU, load on the device, compare with quantizing on the device...")
+    start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="smash-fp8-check-") as work:
+            check = fp8dq_cpu_bake_check(ctx.device, Path(work), ctx.args.seed)
+    except Exception as exc:  # the timed configurations still run
+        traceback.print_exc()
+        check = {"status": f"error: {type(exc).__name__}: {exc}"[:500]}
+    ctx.results.phase("fp8dq cpu-bake check", time.perf_counter() - start)
+    log(f"fp8dq check: {json.dumps(check, default=str)}")
+    return check
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -970,6 +1116,9 @@ def main(argv=None) -> int:
     budget.arm()
     try:
         ctx = setup(args, results, budget)
+        if any(c.weights == "fp8dq" for c in configs):
+            results.meta["fp8dq_cpu_bake"] = run_fp8_check(ctx)
+            results.write()
         run_all(ctx, pending)
     except BudgetExceeded as exc:
         stopped = str(exc)

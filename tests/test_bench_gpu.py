@@ -69,10 +69,53 @@ def test_dry_run_produces_a_measured_row_for_every_configuration(tmp_path):
             full, steps = map(int, row["full_steps"].split("/"))
             assert steps == row["steps"] and 0 < full < steps, row
 
-    # int8dq really quantized: its latent differs from the bf16 baseline's.
+    # int8dq and fp8dq really quantized: their latents differ from the bf16 baseline's.
     assert rows["flux-int8dq"]["identical_to_baseline"] is False
+    assert rows["flux-fp8dq"]["identical_to_baseline"] is False
+    assert rows["flux-fora3-fp8dq-compile"]["psnr_db"] is not None
+    # The CPU half of the fp8dq check ran (the builder baked an artifact); the GPU half is skipped.
+    check = results["fp8dq_cpu_bake"]
+    assert check["status"].startswith("skipped: cpu cannot run fp8dq") and check["float8_tensors"] > 0, check
+    assert "fp8dq baked on the CPU vs quantized on the device: skipped" in table
     assert results["compile_backend"] == "eager"
     assert {p["phase"] for p in results["phases"]} >= {"imports", "flux-baseline", "sdxl-deepcache3-compile"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_device_script_rehearsal_installs_the_carried_wheels_and_runs_from_them(tmp_path):
+    """bench/gpu_device.sh --dry-run: the wheels bench/prepare_device_wheels.sh makes are installed
+    with --no-index into a site folder and bench/gpu.py imports every package from there."""
+    wheels, site, out = tmp_path / "wheels", tmp_path / "site", tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable}
+    prep = subprocess.run(["bash", "bench/prepare_device_wheels.sh", str(wheels)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    names = sorted(p.name.split("-")[0] for p in wheels.glob("*.whl"))
+    assert names == ["diffusers", "smash_build", "smash_runtime", "torchao"], names
+    env.update(SMASH_WHEELS=str(wheels), SMASH_SITE=str(site), OUT=str(out))
+    proc = subprocess.run(["bash", "bench/gpu_device.sh", "300", "--dry-run", "--only", "flux-fp8dq"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["imported_from"] == {name: str(site / name) for name in
+                                        ("smash_runtime", "smash_build", "diffusers", "torchao")}
+    assert [r["config"] for r in results["rows"]] == ["flux-baseline", "flux-fp8dq"]
+    assert all(r["status"] == "ok" for r in results["rows"]) and (out / "log.txt").is_file()
+
+
+def _can_run_fp8dq() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not _can_run_fp8dq(), reason="needs a CUDA GPU with compute capability >= 8.9")
+def test_fp8dq_baked_on_cpu_gives_the_gpu_quantized_latent_bit_for_bit(tmp_path):
+    import torch
+
+    check = _load_gpu_module().fp8dq_cpu_bake_check(torch.device("cuda"), tmp_path)
+    assert check["status"] == "identical", check
 
 
 @pytest.mark.slow
