@@ -196,9 +196,12 @@ def publish(artifact, repo, revision, private, message, dry_run):
 @main.command()
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("-t", "--tag", default=None, help="Image tag (default: smash/<artifact folder name>:latest).")
-@click.option("--base", default=None, help="Base image (default: the pinned python slim image).")
+@click.option("--base", default=None,
+              help="Base image (default: python:X.Y-slim-bookworm for cpu, pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime "
+                   "for cuda).")
 @click.option("--variant", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Which torch build the image installs.")
+              help="cpu: the image installs the host's torch build; cuda: torch comes from the base, which must "
+                   "have a CUDA build (checked before building).")
 @click.option("--compile-cache", type=click.Path(exists=True, file_okay=False), default=None,
               help="Bake this compile-cache folder (from `smash-run --precompile`) into the image.")
 @click.option("--no-precompile", is_flag=True, help="Do not precompile inside the image build.")

@@ -54,7 +54,8 @@ from .lock import LOCK_FILE, RUNTIME_DIST, TOOLS_FILE, VARIANTS, Wheelhouse, loc
 
 Log = Callable[[str], None]
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "Dockerfile"
+# The top-level Dockerfile; exporters/Dockerfile links to it, and installed wheels carry a copy there.
+TEMPLATE = Path(__file__).resolve().parent / "Dockerfile"
 DOCKERIGNORE = "# Only what the Dockerfile copies; anything else stays out of the context.\n*\n!Dockerfile\n!wheelhouse/\n!layers/\n"
 ARTIFACT_IN_IMAGE = "opt/smash/artifact"
 ARTIFACT_LAYER = "layers/artifact"
@@ -65,6 +66,14 @@ WHEELHOUSE_DIR = "wheelhouse"
 DEFAULT_EPOCH = 315532800
 CODE_EPOCH = DEFAULT_EPOCH
 DEFAULT_BASE_IMAGE = f"python:{sys.version_info.major}.{sys.version_info.minor}-slim-bookworm"
+# --variant cuda: torch comes from the base, so the default base is the official CUDA PyTorch
+# runtime image of the oldest torch the runtime accepts (its python3 sets the wheelhouse's Python).
+DEFAULT_CUDA_BASE_IMAGE = "pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime"
+
+
+def default_base_image(variant: str) -> str:
+    """The base ``build_image`` uses for ``variant`` when none is given."""
+    return DEFAULT_CUDA_BASE_IMAGE if variant == "cuda" else DEFAULT_BASE_IMAGE
 SERVICE_UID = 10001
 PORT = 8000
 # Layers the final stage adds on top of the base, in Dockerfile order.
@@ -418,7 +427,8 @@ def _write_tree(entries: list[_Entry], root: Path) -> None:
 
 def _prepare(artifact_dir, *, base_image: str, variant: str, include_compile_cache, wheelhouse,
              runtime_source, precompile: bool, log: Log | None, scratch: Path,
-             with_ray: bool = False) -> tuple[list[_Entry], ContextInfo, dict[str, Any]]:
+             with_ray: bool = False,
+             python_version: str | None = None) -> tuple[list[_Entry], ContextInfo, dict[str, Any]]:
     if variant not in VARIANTS:
         raise SettingsError("variant", variant, "one of: " + ", ".join(VARIANTS),
                             hint="cpu: CPU torch in the image; cuda: torch from a CUDA PyTorch base image")
@@ -439,6 +449,7 @@ def _prepare(artifact_dir, *, base_image: str, variant: str, include_compile_cac
         if log:
             log("resolving the runtime's wheels into a hash-locked wheelhouse")
         wheelhouse = resolve_wheelhouse(scratch / "wheelhouse", variant=variant, extras=image_extras(with_ray),
+                                        python_version=python_version,
                                         runtime_source=runtime_source, log=log)
     elif not isinstance(wheelhouse, Wheelhouse):
         raise SettingsError("wheelhouse", wheelhouse, "a Wheelhouse from smash_build.exporters.lock.resolve_wheelhouse")
@@ -472,7 +483,7 @@ def write_build_context(
     artifact_dir: str | os.PathLike,
     context_dir: str | os.PathLike,
     *,
-    base_image: str = DEFAULT_BASE_IMAGE,
+    base_image: str | None = None,
     variant: str = "cpu",
     include_compile_cache: str | os.PathLike | None = None,
     wheelhouse: Wheelhouse | None = None,
@@ -493,7 +504,7 @@ def write_build_context(
     if context.exists() and (not context.is_dir() or any(context.iterdir())):
         raise SettingsError("context_dir", str(context), "a new or empty folder")
     with tempfile.TemporaryDirectory(prefix="smash-image.") as scratch:
-        entries, info, _ = _prepare(artifact_dir, base_image=base_image, variant=variant,
+        entries, info, _ = _prepare(artifact_dir, base_image=base_image or default_base_image(variant), variant=variant,
                                     include_compile_cache=include_compile_cache, wheelhouse=wheelhouse,
                                     runtime_source=runtime_source, precompile=precompile, log=log,
                                     scratch=Path(scratch), with_ray=with_ray)
@@ -502,8 +513,32 @@ def write_build_context(
     return ContextInfo(**{**info.__dict__, "path": context})
 
 
-def base_python(client, base_image: str) -> str:
-    """``"3.11"``: the Python version of ``base_image``'s ``python3`` (a throw-away container)."""
+@dataclass(frozen=True)
+class BaseImage:
+    """What a throw-away container of the base image reported: its ``python3`` and torch."""
+
+    python: str  # "3.11"
+    torch: str | None  # torch.__version__, None when torch does not import
+    cuda: str | None  # torch.version.cuda: None for a CPU build
+    torch_error: str | None = None
+
+
+_PROBE = """
+import json, sys
+info = {"python": "%d.%d" % sys.version_info[:2], "torch": None, "cuda": None, "torch_error": None}
+try:
+    import torch
+    info.update(torch=torch.__version__, cuda=torch.version.cuda)
+except Exception as exc:
+    info["torch_error"] = f"{type(exc).__name__}: {exc}"[:300]
+print(json.dumps(info))
+"""
+
+
+def probe_base(client, base_image: str) -> BaseImage:
+    """Run ``python3`` in ``base_image`` (no network, removed after) and report its version and torch."""
+    import json
+
     import docker
 
     try:
@@ -512,21 +547,42 @@ def base_python(client, base_image: str) -> str:
         raise SettingsError("base_image", base_image, "an image present in the engine or pullable from a registry",
                             hint=f"`docker pull {base_image}`, or make a local one (.ci/base-image.sh)") from None
     try:
-        out = client.containers.run(
-            base_image, ["python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-            entrypoint=[], network_mode="none", remove=True, stdout=True, stderr=True, user="0",
-        )
+        out = client.containers.run(base_image, ["python3", "-c", _PROBE], entrypoint=[], network_mode="none",
+                                    remove=True, stdout=True, stderr=False, user="0")
     except docker.errors.ContainerError as exc:
         raise SettingsError("base_image", base_image, "an image with python3 on its PATH",
                             hint=f"python3 failed in it: {exc.stderr.decode(errors='replace')[-300:] if exc.stderr else exc}") from None
-    return out.decode().strip()
+    return BaseImage(**json.loads(out.decode().strip().splitlines()[-1]))
+
+
+def base_python(client, base_image: str) -> str:
+    """``"3.11"``: the Python version of ``base_image``'s ``python3`` (a throw-away container)."""
+    return probe_base(client, base_image).python
+
+
+def check_cuda_base(base: BaseImage, base_image: str) -> None:
+    """Refuse a ``--variant cuda`` base whose torch is missing, has no CUDA build, or is older
+    than smash-runtime accepts (the image's venv sees the base's torch and installs none)."""
+    from packaging.requirements import Requirement
+
+    want = "a CUDA-enabled PyTorch image (torch with a CUDA build importable by its python3)"
+    hint = f"for example --base {DEFAULT_CUDA_BASE_IMAGE}, or --variant cpu"
+    if base.torch is None:
+        raise SettingsError("base_image", base_image, want, hint=f"torch does not import there ({base.torch_error}); {hint}")
+    if not base.cuda:
+        raise SettingsError("base_image", base_image, want, hint=f"its torch {base.torch} is a CPU build; {hint}")
+    needs = [Requirement(r) for r in importlib.metadata.requires(RUNTIME_DIST) or []]
+    spec = next((r.specifier for r in needs if r.name == "torch" and not r.marker), None)
+    if spec is not None and not spec.contains(base.torch.split("+")[0], prereleases=True):
+        raise SettingsError("base_image", base_image, f"a CUDA PyTorch image with torch{spec} (what smash-runtime needs)",
+                            hint=f"its torch is {base.torch}; {hint}")
 
 
 def build_image(
     artifact_dir: str | os.PathLike,
     tag: str,
     *,
-    base_image: str = DEFAULT_BASE_IMAGE,
+    base_image: str | None = None,
     push: bool = False,
     log: Log | None = print,
     variant: str = "cpu",
@@ -562,11 +618,17 @@ def build_image(
 def _build(client, artifact_dir, tag, *, base_image, push, log, variant, include_compile_cache, wheelhouse,
            runtime_source, precompile, nocache, scratch, with_ray=False) -> ImageInfo:
     emit = log or (lambda _line: None)
+    base_image = base_image or default_base_image(variant)
+    base = probe_base(client, base_image)
+    emit(f"base {base_image}: Python {base.python}, torch {base.torch or 'none'}"
+         + (f" (CUDA {base.cuda})" if base.cuda else " (no CUDA build)" if base.torch else ""))
+    if variant == "cuda":
+        check_cuda_base(base, base_image)
     entries, info, _ = _prepare(artifact_dir, base_image=base_image, variant=variant,
                                 include_compile_cache=include_compile_cache, wheelhouse=wheelhouse,
                                 runtime_source=runtime_source, precompile=precompile, log=log, scratch=scratch,
-                                with_ray=with_ray)
-    py = base_python(client, base_image)
+                                with_ray=with_ray, python_version=base.python)
+    py = base.python
     if py != info.wheelhouse.python_version:
         raise SettingsError("base_image", base_image, f"an image whose python3 is {info.wheelhouse.python_version}",
                             hint=f"it has Python {py}; resolve the wheelhouse with python_version={py!r} or pick another base")

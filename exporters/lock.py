@@ -6,8 +6,9 @@ the host, so the image build needs no package index (and no CA bundle, token or 
     >>> wh.lock.read_text().splitlines()[0]
     '# smash-build wheelhouse lock: install with pip install --no-index --require-hashes ...'
 
-The folder holds the smash-runtime wheel (built from the installed runtime's source tree, or
-fetched at the installed version), the wheels of its dependencies and of the ``serve`` extra,
+The folder holds the smash-runtime wheel (built from the installed runtime's source tree in an
+editable install, else re-packed from the installed files: smash-runtime is not on any package
+index), the wheels of its dependencies and of the ``serve`` extra,
 ``requirements.lock`` (``name==version --hash=sha256:...`` for each), and the pip wheel the
 image runs the install with (``tools.lock`` records its hash; the Dockerfile checks it).
 
@@ -81,6 +82,65 @@ def runtime_source_dir() -> Path | None:
     return root if (root / "pyproject.toml").is_file() else None
 
 
+# dist-info files that belong to one installation, not to the wheel it came from
+_INSTALL_ONLY = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}
+
+
+def _zip_date(epoch: int) -> tuple[int, int, int, int, int, int]:
+    import time
+
+    return time.gmtime(max(epoch, 315532800))[:6]  # zip dates start in 1980
+
+
+def runtime_wheel_from_installed(dest: str | os.PathLike, *, source_date_epoch: int = 315532800) -> Path:
+    """Re-pack the installed smash-runtime (a regular, non-editable install) into a wheel in ``dest``.
+
+    The files are those the installation's ``RECORD`` lists inside site-packages (byte code and
+    the per-install ``INSTALLER``/``REQUESTED``/``direct_url.json`` left out; console scripts are
+    recreated from ``entry_points.txt`` when the wheel is installed). Entries are sorted and dated
+    ``source_date_epoch``, so the same installation gives the same wheel bytes.
+
+        >>> runtime_wheel_from_installed("wheels/").name
+        'smash_runtime-0.1.0-py3-none-any.whl'
+    """
+    import base64
+    import zipfile
+
+    dist = importlib.metadata.distribution(RUNTIME_DIST)
+    listed = [f for f in dist.files or [] if ".." not in f.parts and "__pycache__" not in f.parts
+              and f.suffix != ".pyc"]
+    info_dir = next((f.parts[0] for f in listed if f.parts[0].endswith(".dist-info")), None)
+    if info_dir is None or not any(f.parts[0] == "smash_runtime" for f in listed):
+        raise SmashError(f"the installed {RUNTIME_DIST} ({dist.locate_file('')}) lists no package files in its RECORD "
+                         "(an editable install without its source tree?); reinstall it or pass runtime_source")
+    files = sorted((f for f in listed if not (f.parts[0] == info_dir and f.name in _INSTALL_ONLY)),
+                   key=lambda f: (f.parts[0] == info_dir, f.as_posix()))  # dist-info last, as wheels have it
+    wheel_meta = (dist.read_text("WHEEL") or "")
+    tags = [line.split(":", 1)[1].strip() for line in wheel_meta.splitlines() if line.startswith("Tag:")]
+    if len(tags) != 1:
+        raise SmashError(f"the installed {RUNTIME_DIST} has no single wheel tag in its WHEEL file: {tags}")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    name = canonicalize_name(RUNTIME_DIST).replace("-", "_")
+    wheel = dest / f"{name}-{dist.version}-{tags[0]}.whl"
+    date = _zip_date(source_date_epoch)
+    record = []
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for f in files:
+            data = Path(dist.locate_file(f)).read_bytes()
+            entry = zipfile.ZipInfo(f.as_posix(), date_time=date)
+            entry.external_attr = 0o644 << 16
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(entry, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{f.as_posix()},sha256={digest},{len(data)}")
+        entry = zipfile.ZipInfo(f"{info_dir}/RECORD", date_time=date)
+        entry.external_attr = 0o644 << 16
+        entry.compress_type = zipfile.ZIP_DEFLATED
+        zf.writestr(entry, "\n".join([*record, f"{info_dir}/RECORD,,"]) + "\n")
+    return wheel
+
+
 def _pip(args: list[str], log: Callable[[str], None] | None, env: dict[str, str] | None = None) -> None:
     cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", *args]
     proc = subprocess.Popen(
@@ -100,7 +160,8 @@ def _pip(args: list[str], log: Callable[[str], None] | None, env: dict[str, str]
 def build_runtime_wheel(dest: str | os.PathLike, *, source: str | os.PathLike | None = None,
                         source_date_epoch: int = 315532800, log: Callable[[str], None] | None = None) -> Path:
     """Build the smash-runtime wheel into ``dest`` from ``source`` (default: the installed runtime's
-    source tree); with no source tree, download the installed version instead.
+    source tree); with no source tree (a regular install), re-pack the installed files
+    (:func:`runtime_wheel_from_installed`).
 
     The build runs on a copy (no build folders appear in the source tree) with ``SOURCE_DATE_EPOCH``
     set, so the same source gives the same wheel bytes.
@@ -109,8 +170,7 @@ def build_runtime_wheel(dest: str | os.PathLike, *, source: str | os.PathLike | 
     dest.mkdir(parents=True, exist_ok=True)
     source = Path(source) if source is not None else runtime_source_dir()
     if source is None:
-        version = importlib.metadata.version(RUNTIME_DIST)
-        _pip(["download", "--no-deps", "--only-binary=:all:", "-d", str(dest), f"{RUNTIME_DIST}=={version}"], log)
+        return runtime_wheel_from_installed(dest, source_date_epoch=source_date_epoch)
     else:
         if not (source / "pyproject.toml").is_file():
             raise SettingsError("runtime_source", str(source), "a folder holding smash-runtime's pyproject.toml")

@@ -364,3 +364,77 @@ def test_rebuild_without_cache_gives_identical_layers(built, engine, base_image,
     assert again.layers == info.layers
     # The classic builder stamps the build time into the image config: the IDs differ.
     print(f"image IDs: {info.id} / {again.id}")
+
+
+# --------------------------------------------------------------------------- regular installs, CUDA bases
+
+
+def test_cuda_variant_needs_a_cuda_torch_base_of_a_supported_version():
+    ok = img.BaseImage("3.12", "2.11.0+cu128", "12.8")
+    img.check_cuda_base(ok, "cuda-base")
+    for base, needle in ((img.BaseImage("3.11", None, None, "ModuleNotFoundError: No module named 'torch'"),
+                          "torch does not import there.*No module named 'torch'"),
+                         (img.BaseImage("3.11", "2.13.0+cpu", None), "its torch 2.13.0\\+cpu is a CPU build"),
+                         (img.BaseImage("3.11", "2.9.1+cu128", "12.8"), "torch>=2.11.*its torch is 2.9.1\\+cu128")):
+        with pytest.raises(SettingsError, match="base_image") as info:
+            img.check_cuda_base(base, "some/base:1")
+        assert re.search(needle, str(info.value)), str(info.value)
+        assert img.DEFAULT_CUDA_BASE_IMAGE in str(info.value)
+    assert img.default_base_image("cuda") == img.DEFAULT_CUDA_BASE_IMAGE
+    assert img.default_base_image("cpu") == img.DEFAULT_BASE_IMAGE
+
+
+@pytest.mark.docker
+def test_cuda_variant_refuses_a_base_without_cuda_torch_before_resolving(engine, base_image, artifact):
+    probe = img.probe_base(engine, base_image)
+    assert probe.python == f"{sys.version_info.major}.{sys.version_info.minor}" and probe.torch is None
+    assert "torch" in probe.torch_error
+    lines: list[str] = []
+    with pytest.raises(SettingsError, match="CUDA-enabled PyTorch image.*torch does not import there"):
+        img.build_image(artifact, "smash-test/cuda:never", base_image=base_image, variant="cuda",
+                        log=lines.append, client=engine)
+    assert not any("resolving" in line for line in lines), lines  # refused before any wheel was fetched
+    # Without --base, --variant cuda uses the named CUDA PyTorch base (absent here: no registry).
+    with pytest.raises(SettingsError, match=re.escape(img.DEFAULT_CUDA_BASE_IMAGE)):
+        img.build_image(artifact, "smash-test/cuda:never", variant="cuda", log=None, client=engine)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_image_from_a_regular_install_of_both_wheels(engine, base_image, artifact, tmp_path):
+    """`pip install` of the two wheels (no source tree anywhere), then `smash-build image` from that
+    venv: the runtime wheel is re-packed from the installed files and the Dockerfile template comes
+    from the smash-build wheel. Third-party dependencies are borrowed from this environment through a
+    path entry (its .pth files, the editable installs' finders among them, are not run there)."""
+    import torch
+
+    wheels, venv = tmp_path / "wheels", tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(REPO / "runtime"), str(REPO)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", *map(str, wheels.glob("*.whl"))],
+                   check=True, capture_output=True)
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "zz-borrowed-dependencies.pth").write_text(str(Path(torch.__file__).parents[1]) + "\n")
+    where = subprocess.run([py, "-c", "import smash_runtime, smash_build.exporters.image as i; "
+                                      "print(smash_runtime.__file__, i.TEMPLATE.is_file())"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert where == [str(Path(site) / "smash_runtime" / "__init__.py"), "True"], where
+
+    tag = "smash-test/regular-install:1"
+    proc = subprocess.run([str(venv / "bin" / "smash-build"), "image", str(artifact), "--tag", tag, "--base", base_image],
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    script = ("import importlib.metadata as m, smash_runtime; "
+              "print(m.version('smash-runtime'), smash_runtime.__file__.startswith('/opt/smash/venv/'))")
+    out = engine.containers.run(tag, ["-c", script], network_mode="none", remove=True).decode().split()
+    assert out == ["0.1.0", "True"], out
+    port = free_port()
+    container = _run(engine, tag, environment={"SMASH_PORT": str(port)})
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/ready", container)
+    finally:
+        container.remove(force=True)
