@@ -430,7 +430,8 @@ def test_image_from_a_regular_install_of_both_wheels(engine, base_image, artifac
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     script = ("import importlib.metadata as m, smash_runtime; "
               "print(m.version('smash-runtime'), smash_runtime.__file__.startswith('/opt/smash/venv/'))")
-    out = engine.containers.run(tag, ["-c", script], network_mode="none", remove=True).decode().split()
+    out = engine.containers.run(tag, ["-c", script], entrypoint=["python3"], network_mode="none",
+                                remove=True).decode().split()
     assert out == ["0.1.0", "True"], out
     port = free_port()
     container = _run(engine, tag, environment={"SMASH_PORT": str(port)})
