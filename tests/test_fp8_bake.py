@@ -14,6 +14,8 @@ import smash_runtime
 from smash_build.transforms import float8_dynamic_weight, quantization_config, quantize
 from smash_runtime.errors import ArtifactError, UnsupportedOnDevice
 from smash_runtime.format import MANIFEST_FILE
+from smash_runtime.fused_layout import join_fused
+from smash_runtime.structure import build_skeleton
 from smash_runtime.tensors import load_component_state_dict
 
 from spine_helpers import build_from_text, manifest_text
@@ -96,7 +98,9 @@ def test_fp8dq_artifact_stores_the_baked_tensors_records_its_need_and_cpu_load_r
     manifest = json.loads((art / MANIFEST_FILE).read_text())
     assert manifest["components"]["transformer"]["quantization"] == {"method": "fp8dq", "requires": FP8DQ_NEEDS}
     assert manifest["transforms"]["quantize"]["method"] == "fp8dq"
-    stored = load_component_state_dict(art / "transformer", "diffusion_pytorch_model.safetensors")
+    # what the runtime assigns: the stored tensors (fused q/k/v kept as their parts) joined again
+    stored = join_fused(load_component_state_dict(art / "transformer", "diffusion_pytorch_model.safetensors"),
+                        build_skeleton(art / "transformer", manifest["components"]["transformer"]))
     built = result.pipeline.transformer.state_dict()
     _assert_same(stored, {k: v.data if isinstance(v, nn.Parameter) else v for k, v in built.items()})
     assert sum(hasattr(t, "act_quant_kwargs") for t in stored.values()) > 10
