@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
 import click
 
 from .errors import SmashError
-from .logs import quiet_third_party_logs
+from .logs import NORMAL, QUIET, VERBOSE, configure_cli_logging, package_versions, quiet_third_party_logs
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,16 +33,31 @@ from .logs import quiet_third_party_logs
 @click.option("--no-compile-cache", is_flag=True, help="Compile without the on-disk cache (every process recompiles).")
 @click.option("--precompile", is_flag=True, help="Compile and run the recorded warm-up shapes to fill the compile cache, then exit.")
 @click.option("--timings", is_flag=True, help="Print the load phase timings as JSON on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only (no progress bars, no \"wrote ...\" line).")
+@click.option("-v", "--verbose", is_flag=True, help="Also log the load phases, each line with its source location.")
+@click.version_option(message=package_versions("smash-run", "smash-runtime"))
 def main(artifact, prompt, seed, steps, height, width, guidance_scale, negative_prompt, output, device,
-         no_cacher, no_compile, verify, compile_cache, no_compile_cache, precompile, timings):
+         no_cacher, no_compile, verify, compile_cache, no_compile_cache, precompile, timings, quiet, verbose):
     """Generate an image with the smash-build ARTIFACT (a folder or ORG/NAME[@REVISION] on the Hub).
 
     \b
     Examples:
       smash-run dist/tiny-flux --prompt "a red cube" --seed 0 --steps 4 --output cube.png
       smash-run dist/flux-dev-fast --precompile --compile-cache /cache
+
+    Exit codes: 0 done, 1 the artifact failed to load or generate, 2 a bad option or setting.
     """
-    quiet_third_party_logs()
+    if quiet and verbose:
+        raise click.UsageError("-q and -v exclude each other")
+    verbosity = QUIET if quiet else VERBOSE if verbose else NORMAL
+    configure_cli_logging(verbosity, normal=logging.WARNING)  # the load phases are -v's detail
+    if not verbose:
+        quiet_third_party_logs()
+
+    def say(text: str) -> None:
+        if not quiet:
+            click.echo(text, err=True)
+
     from .images import encode_png, generate
     from .loader import load
 
@@ -50,23 +66,22 @@ def main(artifact, prompt, seed, steps, height, width, guidance_scale, negative_
         sys.exit(2)
     try:
         pipe = load(artifact, device=device, verify=verify, cacher=not no_cacher, compiler=not no_compile,
-                    warmup=precompile, compile_cache=False if no_compile_cache else (compile_cache or True), progress=True)
+                    warmup=precompile, compile_cache=False if no_compile_cache else (compile_cache or True),
+                    progress=not quiet)
         if precompile:
             cache = pipe.smash.compile_cache
             if cache is None:
-                click.echo(f"no compiler applied to {artifact} (none recorded, or --no-compile): nothing to precompile",
-                           err=True)
+                say(f"no compiler applied to {artifact} (none recorded, or --no-compile): nothing to precompile")
             else:
                 report = cache.report()
                 how = "loaded from the cache" if report["hit"] else "compiled and stored"
-                click.echo(f"compile cache {report['folder']}: {how} (warm-up "
-                           f"{pipe.smash.timings.get('warmup', 0.0):.1f}s)", err=True)
+                say(f"compile cache {report['folder']}: {how} (warm-up {pipe.smash.timings.get('warmup', 0.0):.1f}s)")
         else:
             image = generate(pipe, prompt, seed=seed, steps=steps, height=height, width=width,
                              guidance_scale=guidance_scale, negative_prompt=negative_prompt)[0]
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_bytes(encode_png(image))
-            click.echo(f"wrote {output} ({image.width}x{image.height})", err=True)
+            say(f"wrote {output} ({image.width}x{image.height})")
     except (SmashError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2 if isinstance(exc, ValueError) else 1)

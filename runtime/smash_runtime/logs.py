@@ -24,3 +24,58 @@ def quiet_third_party_logs(level: int = logging.ERROR) -> None:
         transformers_logging.disable_progress_bar()  # per-file "Writing model shards" bars; we show our own
     except ImportError:  # the libraries are dependencies; this only guards odd installs
         pass
+
+
+# Loudness of a command-line tool, from -q / (nothing) / -v.
+QUIET, NORMAL, VERBOSE = -1, 0, 1
+
+
+def cli_log_level(verbosity: int, normal: int = logging.INFO) -> int:
+    """The root log level for ``verbosity``: warnings with ``-q``, ``normal`` by default, debug with ``-v``.
+
+        >>> cli_log_level(QUIET), cli_log_level(VERBOSE)
+        (30, 10)
+    """
+    return logging.WARNING if verbosity < NORMAL else logging.DEBUG if verbosity > NORMAL else normal
+
+
+def configure_cli_logging(verbosity: int, handler: logging.Handler | None = None,
+                          normal: int = logging.INFO) -> None:
+    """Send every logger's records to ``handler`` (default: plain lines on stderr) at :func:`cli_log_level`.
+
+    Only ``-v`` (``verbosity > 0``) adds where each line was logged (``loader.py:205``). This
+    imports nothing: callers that load torch also call :func:`quiet_third_party_logs` unless ``-v``.
+
+        configure_cli_logging(VERBOSE)   # smash-run -v
+    """
+    if handler is None:
+        handler = logging.StreamHandler()  # stderr
+        where = " (%(filename)s:%(lineno)d)" if verbosity > NORMAL else ""
+        handler.setFormatter(logging.Formatter(f"%(levelname)s %(name)s: %(message)s{where}"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(cli_log_level(verbosity, normal))
+
+
+def package_versions(tool: str, *packages: str,
+                     libraries: tuple[str, ...] = ("torch", "diffusers", "torchao")) -> str:
+    """``--version`` text: the tool's own packages, then the libraries it runs on (read from the
+    installed metadata, so nothing, torch included, is imported).
+
+        >>> print(package_versions("smash-run", "smash-runtime"))  # doctest: +SKIP
+        smash-run (smash-runtime) 0.1.0
+        python 3.11.2, torch 2.13.0, diffusers 0.42.1, torchao 0.18.0
+    """
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            return "not installed"
+
+    first, *rest = packages
+    own = ", ".join([f"{tool} ({first}) {installed(first)}", *(f"{name} {installed(name)}" for name in rest)])
+    return own + "\n" + ", ".join([f"python {platform.python_version()}",
+                                   *(f"{name} {installed(name)}" for name in libraries)])

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from ..logs import package_versions
 from .jsonlog import LOGGER, configure_json_logging
 from .settings import ServerSettings
 
@@ -37,15 +38,6 @@ EXIT_CODES = {
 }
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"smash-serve (smash-runtime) {version('smash-runtime')}"
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "smash-serve (smash-runtime, not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
@@ -57,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("artifact")
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action="version", version=package_versions("smash-serve", "smash-runtime"))
     loudness = parser.add_mutually_exclusive_group()
     loudness.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only (no request lines)")
     loudness.add_argument("-v", "--verbose", action="store_true",
