@@ -9,23 +9,34 @@
     smash-build image dist/tiny-flux --tag smash/tiny-flux:1
     smash-build evaluate dist/tiny-flux             # latency, memory, fidelity vs the base
     smash-build sweep M.toml --vary runtime.cacher.interval=2,3,4
+    smash-build validate M.toml --json              # one JSON object on stdout (also build, publish, image)
+    smash-build -q M.toml                           # errors only; -v: debug lines with source locations
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import sys
 from pathlib import Path
 
 import click
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from smash_runtime.errors import SettingsError, SmashError
-from smash_runtime.logs import quiet_third_party_logs
+from smash_runtime.logs import NORMAL, QUIET, VERBOSE, configure_cli_logging, package_versions, quiet_third_party_logs
 
 console = Console(stderr=True)
+logger = logging.getLogger("smash_build")
 EXIT_BAD_INPUT = 2
+EXIT_CODES = {
+    0: "done",
+    1: "a step failed (build, evaluate, upload, docker); the message says which",
+    2: "a bad manifest, option or argument; nothing was written",
+}
 
 
 class _ManifestGroup(click.Group):
@@ -45,6 +56,76 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _set_output(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """Record -q, -v or --json (given on the group or on the command) for :func:`_say` and friends."""
+    if value:
+        ctx.meta[f"smash_build.{param.name}"] = True
+        if ctx.meta.get("smash_build.quiet") and ctx.meta.get("smash_build.verbose"):
+            raise click.UsageError("-q and -v exclude each other", ctx=ctx)
+
+
+def _loudness_options(command):
+    """``-q``/``-v`` on a command (and the group): errors only, or debug lines with source locations."""
+    command = click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_set_output,
+                           help="Debug log lines, each with its source location (cli.py:123).")(command)
+    return click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_output,
+                        help="Print errors only (no log lines, bars or tables).")(command)
+
+
+def _json_option(command):
+    """``--json``: one JSON object on stdout; human lines go to stderr."""
+    return click.option("--json", "as_json", is_flag=True, expose_value=False, callback=_set_output,
+                        help="Print one JSON object on stdout (human lines go to stderr).")(command)
+
+
+def _output(key: str) -> bool:
+    return bool(click.get_current_context().meta.get(f"smash_build.{key}"))
+
+
+def _verbosity() -> int:
+    return QUIET if _output("quiet") else VERBOSE if _output("verbose") else NORMAL
+
+
+def _say(text: str) -> None:
+    """A human line: stdout, or stderr under --json, or nothing under -q."""
+    if not _output("quiet"):
+        click.echo(text, err=_output("as_json"))
+
+
+def _emit(result: dict) -> None:
+    """The command's one JSON object on stdout, under --json."""
+    if _output("as_json"):
+        click.echo(json.dumps(result, sort_keys=True))
+
+
+def _configure_logging() -> None:
+    from rich.logging import RichHandler
+
+    verbosity = _verbosity()
+    if verbosity == QUIET:
+        quiet_third_party_logs(progress_bars=False)
+    configure_cli_logging(verbosity, RichHandler(console=console, show_level=verbosity > NORMAL,
+                                                 show_path=verbosity > NORMAL, markup=False))
+
+
+def _artifact_json(art) -> dict:
+    """What a script needs about a written artifact: where, which (sha256 of smash.json), how big."""
+    record = Path(art.path) / "smash.json"
+    return {"path": str(Path(art.path).resolve()), "smash_json_sha256": hashlib.sha256(record.read_bytes()).hexdigest(),
+            "size_bytes": art.size, "files": len(art.manifest["files"])}
+
+
+def _publish_json(result) -> dict:
+    return {"repo": result.repo_id, "revision": result.revision, "dry_run": result.dry_run,
+            "commit_sha": result.commit_sha, "commit_url": result.commit_url,
+            "files": len(result.files), "size_bytes": result.total_bytes}
+
+
+def _image_json(info) -> dict:
+    return {"tag": info.tag, "id": info.id, "size_bytes": info.size, "build_seconds": round(info.build_seconds, 3),
+            "pushed_digest": info.pushed_digest}
+
+
 def _fail(exc: BaseException) -> None:
     code = EXIT_BAD_INPUT if isinstance(exc, (SettingsError,)) or type(exc).__name__ == "ManifestError" else 1
     click.echo(f"error: {exc}", err=True)
@@ -61,8 +142,10 @@ def _load_manifest(path: str, overrides: dict | None = None):
         sys.exit(EXIT_BAD_INPUT)
 
 
-@click.group(cls=_ManifestGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="smash-build")
+@click.group(cls=_ManifestGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="\b\nExit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items()))
+@click.version_option(message=package_versions("smash-build", "smash-build", "smash-runtime"))
+@_loudness_options
 def main():
     """Bake QKV fusion and quantization into a diffusion model and write a deployable artifact.
 
@@ -80,6 +163,8 @@ def main():
 @click.option("--push", is_flag=True, help="Then publish the artifact as [publish.hub] says.")
 @click.option("--image", "image_tag", default=None, metavar="TAG",
               help="Then build a container image TAG serving the artifact ([publish.image] gives the defaults).")
+@_json_option
+@_loudness_options
 def build_cmd(manifest, out_dir, run_evaluate, push, image_tag):
     """Build the artifact MANIFEST describes (then optionally evaluate, publish, containerize)."""
     spec = _load_manifest(manifest)
@@ -93,7 +178,11 @@ def build_cmd(manifest, out_dir, run_evaluate, push, image_tag):
         raise click.UsageError(f"[publish.image] push = true needs a tag in {manifest}")
     try:
         result = _run_build(spec, out_dir)
-        _print_summary(result)
+        if not _output("quiet"):
+            _print_summary(result)
+        summary = {"artifact": _artifact_json(result.artifact),
+                   "components": [{"name": c.name, "bytes_before": c.bytes_before, "bytes_after": c.bytes_after}
+                                  for c in result.changes]}
         if run_evaluate:
             from .evaluate.cli import evaluate_after_build
 
@@ -102,12 +191,14 @@ def build_cmd(manifest, out_dir, run_evaluate, push, image_tag):
             from .exporters.hub import format_publish_result, publish_from_manifest
             from .model_card import card_for_repo
 
-            click.echo(format_publish_result(publish_from_manifest(result.artifact.path, spec.publish_hub,
-                                                                   card=card_for_repo)))
+            published = publish_from_manifest(result.artifact.path, spec.publish_hub, card=card_for_repo)
+            _say(format_publish_result(published))
+            summary["publish"] = _publish_json(published)
         if image_tag or recorded.get("push"):
-            _build_image(result.artifact.path, image_spec)
+            summary["image"] = _image_json(_build_image(result.artifact.path, image_spec))
     except SmashError as exc:
         _fail(exc)
+    _emit(summary)
 
 
 def _run_build(spec, out_dir):
@@ -116,13 +207,14 @@ def _run_build(spec, out_dir):
 
     from .builder import build
 
+    _configure_logging()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bars:
+    with Progress(*columns, console=console, transient=True, disable=_output("quiet")) as bars:
         tasks: dict[str, int] = {}
         current = {"name": "build"}
 
         def step(message: str) -> None:
-            console.log(message)
+            logger.info(message, stacklevel=2)  # -v shows the builder's line, not this one
             current["name"] = message
 
         def progress(done: int, total: int, unit: str) -> None:
@@ -135,9 +227,11 @@ def _run_build(spec, out_dir):
 
 
 def _print_summary(result) -> None:
-    table = Table(title="baked", show_lines=False)
-    for col in ("component", "before", "after", "ratio", "fused attn", "quantized", "excluded"):
-        table.add_column(col, justify="right" if col not in ("component",) else "left")
+    # Fits 80 columns with the longest component name whole (text_encoder_2): simple box, short headers.
+    table = Table(title="baked", box=box.SIMPLE_HEAD, show_lines=False)
+    table.add_column("component", no_wrap=True, min_width=max((len(c.name) for c in result.changes), default=9))
+    for col in ("before", "after", "ratio", "fused", "quantized", "excluded"):
+        table.add_column(col, justify="right", no_wrap=True)
     for c in result.changes:
         q = c.quantization
         table.add_row(
@@ -156,18 +250,27 @@ def _print_summary(result) -> None:
 
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
+@_json_option
+@_loudness_options
 def validate(manifest):
     """Check MANIFEST fully; print what it would build; write nothing."""
     spec = _load_manifest(manifest)
-    click.echo(f"{manifest}: valid")
-    click.echo(f"  source: {spec.model.source} ({spec.model.dtype})")
     q = spec.build.quantize
-    loras = ", ".join(f"{lora.source} x{lora.scale:g}" for lora in spec.build.lora) or None
-    click.echo(f"  bake: lora={loras}, fuse_qkv={spec.build.fuse_qkv}, quantize={q.method if q else None}")
-    click.echo(f"  runtime: cacher={json.dumps(spec.runtime.cacher)}, compiler={json.dumps(spec.runtime.compiler)}")
+    loras = [{"source": lora.source, "scale": lora.scale} for lora in spec.build.lora]
+    if _output("as_json"):
+        _emit({"manifest": manifest, "valid": True, "source": spec.model.source, "dtype": spec.model.dtype,
+               "lora": loras, "fuse_qkv": spec.build.fuse_qkv, "quantize": q.method if q else None,
+               "cacher": spec.runtime.cacher, "compiler": spec.runtime.compiler, "serve": spec.serve or None,
+               "output": str(spec.output.dir)})
+        return
+    _say(f"{manifest}: valid")
+    _say(f"  source: {spec.model.source} ({spec.model.dtype})")
+    lora_text = ", ".join(f"{lora['source']} x{lora['scale']:g}" for lora in loras) or None
+    _say(f"  bake: lora={lora_text}, fuse_qkv={spec.build.fuse_qkv}, quantize={q.method if q else None}")
+    _say(f"  runtime: cacher={json.dumps(spec.runtime.cacher)}, compiler={json.dumps(spec.runtime.compiler)}")
     if spec.serve:
-        click.echo(f"  serve: {json.dumps(spec.serve)}")
-    click.echo(f"  output: {spec.output.dir}")
+        _say(f"  serve: {json.dumps(spec.serve)}")
+    _say(f"  output: {spec.output.dir}")
 
 
 @main.command()
@@ -177,6 +280,8 @@ def validate(manifest):
 @click.option("--private", is_flag=True, help="Create the repo private (an existing public repo is refused).")
 @click.option("-m", "--message", default=None, help="Commit message.")
 @click.option("--dry-run", is_flag=True, help="Verify and list what would be uploaded; no token, no network.")
+@_json_option
+@_loudness_options
 def publish(artifact, repo, revision, private, message, dry_run):
     """Verify ARTIFACT and upload it to the Hugging Face Hub in one commit (token: HF_TOKEN or `hf auth login`).
 
@@ -190,7 +295,8 @@ def publish(artifact, repo, revision, private, message, dry_run):
                                   dry_run=dry_run, card=card_for_repo)
     except SmashError as exc:
         _fail(exc)
-    click.echo(format_publish_result(result))
+    _say(format_publish_result(result))
+    _emit(_publish_json(result))
 
 
 @main.command()
@@ -210,6 +316,8 @@ def publish(artifact, repo, revision, private, message, dry_run):
 @click.option("--push", is_flag=True, help="Push the image after building it.")
 @click.option("--with-ray", is_flag=True,
               help="Also install Ray Serve, so the image can join a Ray cluster (smash-build deploy --kuberay).")
+@_json_option
+@_loudness_options
 def image(artifact, tag, base, variant, compile_cache, no_precompile, context_only, push, with_ray):
     """Bake ARTIFACT and smash-runtime into a reproducible container image that serves it over HTTP."""
     spec = {"tag": tag or f"smash/{Path(artifact).resolve().name}:latest", "push": push, "variant": variant,
@@ -220,11 +328,13 @@ def image(artifact, tag, base, variant, compile_cache, no_precompile, context_on
         if context_only:
             from .exporters.image import write_build_context
 
-            info = write_build_context(artifact, context_only, **_image_options(spec), log=click.echo)
-            click.echo(f"build context written to {info.path} ({info.files} files, {_human(info.size)}); "
-                       f"build it with: docker build {info.path}")
+            info = write_build_context(artifact, context_only, **_image_options(spec), log=_say)
+            _say(f"build context written to {info.path} ({info.files} files, {_human(info.size)}); "
+                 f"build it with: docker build {info.path}")
+            _emit({"context": str(Path(info.path).resolve()), "files": info.files, "size_bytes": info.size,
+                   "artifact_sha256": info.artifact_sha256})
             return
-        _build_image(artifact, spec)
+        _emit(_image_json(_build_image(artifact, spec)))
     except SmashError as exc:
         _fail(exc)
 
@@ -237,14 +347,15 @@ def _image_options(spec: dict) -> dict:
     return options
 
 
-def _build_image(artifact, spec: dict) -> None:
+def _build_image(artifact, spec: dict):
     from .exporters.image import build_image
 
-    info = build_image(artifact, spec["tag"], push=bool(spec.get("push")), log=click.echo, **_image_options(spec))
-    click.echo(f"image {info.tag} ({info.id[:19]}, {_human(info.size)}, built in {info.build_seconds:.0f}s)")
+    info = build_image(artifact, spec["tag"], push=bool(spec.get("push")), log=_say, **_image_options(spec))
+    _say(f"image {info.tag} ({info.id[:19]}, {_human(info.size)}, built in {info.build_seconds:.0f}s)")
     if info.pushed_digest:
-        click.echo(f"pushed {info.pushed_digest}")
-    click.echo(f"run it with: docker run --rm -p 8000:8000 {info.tag}")
+        _say(f"pushed {info.pushed_digest}")
+    _say(f"run it with: docker run --rm -p 8000:8000 {info.tag}")
+    return info
 
 
 @main.command()

@@ -52,7 +52,7 @@ def main(artifact, prompt, seed, steps, height, width, guidance_scale, negative_
     verbosity = QUIET if quiet else VERBOSE if verbose else NORMAL
     configure_cli_logging(verbosity, normal=logging.WARNING)  # the load phases are -v's detail
     if not verbose:
-        quiet_third_party_logs()
+        quiet_third_party_logs(progress_bars=not quiet)
 
     def say(text: str) -> None:
         if not quiet:

@@ -10,7 +10,9 @@ import warnings
 _NOISY = ("torchao", "torch.utils._pytree", "transformers", "diffusers", "torch._dynamo", "torch._inductor")
 
 
-def quiet_third_party_logs(level: int = logging.ERROR) -> None:
+def quiet_third_party_logs(level: int = logging.ERROR, progress_bars: bool = True) -> None:
+    """Cut torch/diffusers/transformers log lines below ``level``; ``progress_bars=False`` (for ``-q``)
+    also hides diffusers' own bars ("Loading pipeline components")."""
     for name in _NOISY:
         logging.getLogger(name).setLevel(level)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -22,6 +24,8 @@ def quiet_third_party_logs(level: int = logging.ERROR) -> None:
         diffusers_logging.set_verbosity_error()
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()  # per-file "Writing model shards" bars; we show our own
+        if not progress_bars:
+            diffusers_logging.disable_progress_bar()
     except ImportError:  # the libraries are dependencies; this only guards odd installs
         pass
 
@@ -76,6 +80,7 @@ def package_versions(tool: str, *packages: str,
             return "not installed"
 
     first, *rest = packages
-    own = ", ".join([f"{tool} ({first}) {installed(first)}", *(f"{name} {installed(name)}" for name in rest)])
+    label = tool if tool == first else f"{tool} ({first})"  # "smash-run (smash-runtime) 0.1.0"
+    own = ", ".join([f"{label} {installed(first)}", *(f"{name} {installed(name)}" for name in rest)])
     return own + "\n" + ", ".join([f"python {platform.python_version()}",
                                    *(f"{name} {installed(name)}" for name in libraries)])
