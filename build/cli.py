@@ -110,9 +110,9 @@ def _configure_logging() -> None:
 
 def _artifact_json(art) -> dict:
     """What a script needs about a written artifact: where, which (sha256 of smash.json), how big."""
-    record = Path(art.path) / "smash.json"
-    return {"path": str(Path(art.path).resolve()), "smash_json_sha256": hashlib.sha256(record.read_bytes()).hexdigest(),
-            "size_bytes": art.size, "files": len(art.manifest["files"])}
+    record = (Path(art.path) / "smash.json").read_bytes()
+    return {"path": str(Path(art.path).resolve()), "smash_json_sha256": hashlib.sha256(record).hexdigest(),
+            "size_bytes": art.size + len(record), "files": len(art.manifest["files"]) + 1}  # smash.json counted
 
 
 def _publish_json(result) -> dict:
@@ -331,8 +331,8 @@ def image(artifact, tag, base, variant, compile_cache, no_precompile, context_on
             info = write_build_context(artifact, context_only, **_image_options(spec), log=_say)
             _say(f"build context written to {info.path} ({info.files} files, {_human(info.size)}); "
                  f"build it with: docker build {info.path}")
-            _emit({"context": str(Path(info.path).resolve()), "files": info.files, "size_bytes": info.size,
-                   "artifact_sha256": info.artifact_sha256})
+            _emit({"context": str(Path(info.path).resolve()), "tag": spec["tag"], "files": info.files,
+                   "size_bytes": info.size, "smash_json_sha256": info.artifact_sha256})
             return
         _emit(_image_json(_build_image(artifact, spec)))
     except SmashError as exc:
