@@ -38,7 +38,7 @@ from .exporters.output_folder import check_output_folder
 from .lora import fuse_loras
 from .manifest import Manifest
 from .model_card import render_model_card
-from .sources import DTYPES, SourceRef, denoiser_name, load_pipeline, materialize_builtin, resolve_source
+from .sources import DTYPES, SourceRef, denoiser_name, load_pipeline, local_source_folder, materialize_builtin, resolve_source
 from .streaming import component_nbytes, should_stream, stream_component
 from .transforms import QuantizationReport, diffusers_quantization_config, quantization_record, quantize
 
@@ -147,11 +147,11 @@ def build(
     target = Path(out_dir) if out_dir else manifest.output.dir
     spec = manifest.model
     # Refuse an output folder the build must not replace before any work is done.
-    protected = {"the manifest's folder": manifest.path.parent if manifest.path else None}
-    check_output_folder(target, protected)
+    base_dir = manifest.path.parent if manifest.path else None
+    check_output_folder(target, {"the manifest's folder": base_dir,
+                                 "the source folder": local_source_folder(spec.source, base_dir)})
     step(f"resolving {spec.source}")
-    source = resolve_source(spec.source, spec.revision, manifest.path.parent if manifest.path else None)
-    check_output_folder(target, {**protected, "the source folder": source.folder})
+    source = resolve_source(spec.source, spec.revision, base_dir)
     if source.folder is None:
         source = materialize_builtin(source, spec.dtype)
     if _wants_streaming(source, manifest.build.streaming):

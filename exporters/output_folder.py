@@ -128,8 +128,8 @@ def recover_leftovers(target: Path, log: Callable[[str], None]) -> None:
             path.rename(target)
             log(f"recovered {target} from {path.name}, left by a build that was killed while replacing it")
             continue
+        what = "a complete artifact not in use at" if looks_like_artifact(path) else "an incomplete build of"
         shutil.rmtree(path)
-        what = "a complete artifact superseded by" if looks_like_artifact(path) else "an incomplete build of"
         log(f"removed {path.name}: {what} {target.name}, left by a killed build")
 
 

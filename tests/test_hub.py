@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from smash_runtime.errors import ArtifactError, SettingsError
-from smash_runtime.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, dumps_manifest, file_table
+from smash_runtime.format import FORMAT_NAME, FORMAT_VERSION, RECORD_FILE, dumps_record, file_table
 from smash_runtime.hub import AccessDenied, HubUnavailable, RepoNotFound, RevisionNotFound, download_artifact, parse_repo_ref
 
 from hub_double import HubDouble
@@ -51,7 +51,7 @@ def make_artifact(root: Path, seed: int = 0, extra: dict[str, bytes] | None = No
         (root / rel).write_bytes(data)
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "pipeline_class": "FluxPipeline",
                 "components": {}, "files": file_table(root)}
-    (root / MANIFEST_FILE).write_text(dumps_manifest(manifest), encoding="utf-8")
+    (root / RECORD_FILE).write_text(dumps_record(manifest), encoding="utf-8")
     return root
 
 
@@ -272,11 +272,11 @@ def test_repo_that_is_not_an_artifact(client, hub):
     hub.seed_repo("smash/plain-diffusers", {"model_index.json": b"{}", "unet/config.json": b"{}"})
     with pytest.raises(ArtifactError, match="not a smash-build artifact") as err:
         download_artifact("smash/plain-diffusers")
-    assert err.value.file == MANIFEST_FILE
+    assert err.value.file == RECORD_FILE
 
 
 def test_repo_with_a_foreign_smash_json(client, hub):
-    hub.seed_repo("smash/foreign", {MANIFEST_FILE: b'{"format": "something-else"}'})
+    hub.seed_repo("smash/foreign", {RECORD_FILE: b'{"format": "something-else"}'})
     with pytest.raises(ArtifactError, match="smash/foreign@[0-9a-f]{40} is not a usable smash-build artifact"):
         download_artifact("smash/foreign")
 
