@@ -96,6 +96,9 @@ def test_hostile_artifact_is_refused_by_load_and_smash_run(case, good, sharded, 
     assert len(message) < 700, "messages cut echoed values short"
     assert not [p for p in opened if Path(p).resolve().is_relative_to(outside.resolve())], "opened a file outside the artifact"
     assert not [p for p in opened if p.startswith("UNPICKLED")], "something was unpickled"
+    if info.value.file == RECORD_FILE:  # a bad record is refused before any other file of the artifact is opened
+        inside = {Path(p).resolve() for p in opened if Path(p).resolve().is_relative_to(root.resolve())}
+        assert inside <= {(root / RECORD_FILE).resolve()}, inside
     assert not [p for p in opened if p.endswith(".bin") and "bin" not in case.name], "an unlisted pickle file was opened"
 
     run = CliRunner().invoke(smash_run, [str(root), "--device", "cpu", "-o", str(tmp_path / "x.png")])

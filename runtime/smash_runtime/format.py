@@ -303,15 +303,6 @@ def read_record(root: str | os.PathLike) -> ArtifactRecord:
     return record_from_data(data, str(path))
 
 
-def is_artifact(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds a readable artifact record (a previous smash-build output)."""
-    try:
-        read_record(folder)
-    except ArtifactError:
-        return False
-    return True
-
-
 # ---------------------------------------------------------------------------------------------
 # Files: hashing, listing, verification
 
