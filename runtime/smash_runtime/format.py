@@ -208,7 +208,16 @@ def dumps_record(data: dict[str, Any]) -> str:
 
 
 def _field_path(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
+    """``("files", "a/b.json", "size")`` -> ``files['a/b.json'].size``; keys are quoted and cut short."""
+    text = ""
+    for part in loc:
+        if part == "[key]":
+            text += " (the key)"
+        elif isinstance(part, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part):
+            text += f".{part}" if text else part
+        else:
+            text += f"[{shorten(part, 80)}]"
+    return text or "(top level)"
 
 
 def record_from_data(data: object, where: str = RECORD_FILE) -> ArtifactRecord:
@@ -234,7 +243,7 @@ def record_from_data(data: object, where: str = RECORD_FILE) -> ArtifactRecord:
         field = _field_path(first["loc"])
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
         raise ArtifactError(
-            f"{where}: field {field} = {shorten(first.get('input'))}: {first['msg']}{more}; "
+            f"{where}: field {field} = {shorten(first.get('input'))}: {first['msg'].removeprefix('Value error, ')}{more}; "
             "the artifact is corrupted or was not written by smash-build",
             file=RECORD_FILE, field=field) from None
 

@@ -99,8 +99,8 @@ def resolve_class(library: str, class_name: str, field: str | None = None) -> ty
     cls = getattr(module, class_name, None) if isinstance(class_name, str) else None
     if not isinstance(cls, type):
         raise ArtifactError(
-            f"{library} {getattr(module, '__version__', '?')} has no class {shorten(class_name)}; "
-            "install the library version recorded in smash.json 'versions'",
+            f"smash.json: {field or 'class'}: {library} {getattr(module, '__version__', '?')} has no class "
+            f"{shorten(class_name)}; install the library version recorded in smash.json 'versions'",
             file="smash.json", field=field,
         )
     return cls
