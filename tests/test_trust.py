@@ -264,3 +264,11 @@ def test_rebuild_killed_at_every_phase_keeps_a_complete_artifact(phase, exchange
     assert ((target / RECORD_FILE).read_bytes() == old) == (phase not in ("exchanged", "renamed"))
     assert not list(tmp_path.glob(".art.partial-*")), "every leftover is recovered or removed"
     assert log, "what was done with the leftovers is reported"
+
+
+def test_the_record_model_writes_back_the_bytes_it_read(good):
+    """smash.json goes through one typed model both ways without changing a byte."""
+    record = read_record(good)
+    assert record.dumps() == (good / RECORD_FILE).read_text(encoding="utf-8")
+    assert record.components["transformer"].quantization.method == "int8wo"
+    assert record.components["transformer"].fused_qkv and not record.components["vae"].fused_qkv

@@ -98,7 +98,7 @@ ClassName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")]
 # The record
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 class FileRecord(_Strict):
@@ -187,7 +187,7 @@ class ArtifactRecord(_Strict):
     runtime: RuntimeRecord | None = None
     versions: dict[str, str] = {}
     source_date_epoch: int | None = Field(default=None, ge=0, description="fixed time stamp for container images")
-    files: dict[RelPath, FileRecord] = {}
+    files: dict[RelPath, FileRecord]
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON data, with exactly the keys it was made with."""
