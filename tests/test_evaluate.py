@@ -289,7 +289,7 @@ def test_evaluated_card_is_rewritten_for_the_repo_with_its_results(tiny_flux_eva
     from smash_build.model_card import card_for_repo
 
     out, _ = tiny_flux_evaluation
-    card = card_for_repo(out, read_manifest(out), "org/tiny-fast", "exp")
+    card = card_for_repo(out, read_record(out).to_dict(), "org/tiny-fast", "exp")
     assert card is not None, "the card evaluate wrote was taken for a hand-edited one"
     local = (out / "README.md").read_text()
     assert 'smash_runtime.load("org/tiny-fast@exp")' in card and "org/tiny-fast" not in local

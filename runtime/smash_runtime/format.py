@@ -138,6 +138,10 @@ class SourceRecord(_Strict):
     revision: str | None = Field(default=None, max_length=256)
     commit: str | None = Field(default=None, max_length=256)
     license: str | None = Field(default=None, max_length=256)
+    # carried over from the base model's card (informational)
+    license_name: str | None = Field(default=None, max_length=256)
+    license_link: str | None = Field(default=None, max_length=4096)
+    pipeline_tag: str | None = Field(default=None, max_length=256)
 
 
 class QuantizeReportRecord(_Strict):
