@@ -175,6 +175,7 @@ class RuntimeRecord(_Strict):
     cacher: dict[str, Any] | None = None
     compiler: dict[str, Any] | None = None
     warmup: dict[str, Any] | None = None
+    serve: dict[str, Any] | None = None  # Ray Serve scaling ([serve] in the manifest)
 
 
 class ArtifactRecord(_Strict):
