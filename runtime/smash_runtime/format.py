@@ -131,6 +131,7 @@ class ComponentRecord(_Strict):
     kind: Literal["model", "tokenizer", "config"]
     fused_qkv: bool = False
     quantization: QuantizationRecord | None = None
+    plain_diffusers: bool | None = None  # False: plain from_pretrained cannot load this component (informational)
 
 
 class SourceRecord(_Strict):
