@@ -106,11 +106,17 @@ class FileRecord(_Strict):
     size: int = Field(ge=0, le=1 << 50, description="size in bytes")
 
 
+def _check_capability(text: str) -> str:
+    if not re.fullmatch(r"[0-9]{1,2}\.[0-9]{1,2}", text):
+        raise ValueError("expected a CUDA compute capability 'MAJOR.MINOR', such as '8.9'")
+    return text
+
+
 class RequiresRecord(_Strict):
     """What the stored weights need to run (fp8 baked on a CPU still needs sm >= 8.9 to run)."""
 
     device: Literal["cuda"]
-    compute_capability: str = Field(pattern=r"^[0-9]{1,2}\.[0-9]{1,2}$")
+    compute_capability: Annotated[str, AfterValidator(_check_capability)]
 
     @property
     def capability(self) -> tuple[int, int]:
