@@ -34,10 +34,11 @@ from .exporters.artifact import (
     write_artifact,
     write_component,
 )
+from .exporters.output_folder import check_output_folder
 from .lora import fuse_loras
 from .manifest import Manifest
 from .model_card import render_model_card
-from .sources import DTYPES, SourceRef, denoiser_name, load_pipeline, materialize_builtin, resolve_source
+from .sources import DTYPES, SourceRef, denoiser_name, load_pipeline, local_source_folder, materialize_builtin, resolve_source
 from .streaming import component_nbytes, should_stream, stream_component
 from .transforms import QuantizationReport, diffusers_quantization_config, quantization_record, quantize
 
@@ -145,8 +146,12 @@ def build(
     """
     target = Path(out_dir) if out_dir else manifest.output.dir
     spec = manifest.model
+    # Refuse an output folder the build must not replace before any work is done.
+    base_dir = manifest.path.parent if manifest.path else None
+    check_output_folder(target, {"the manifest's folder": base_dir,
+                                 "the source folder": local_source_folder(spec.source, base_dir)})
     step(f"resolving {spec.source}")
-    source = resolve_source(spec.source, spec.revision, manifest.path.parent if manifest.path else None)
+    source = resolve_source(spec.source, spec.revision, base_dir)
     if source.folder is None:
         source = materialize_builtin(source, spec.dtype)
     if _wants_streaming(source, manifest.build.streaming):
@@ -197,7 +202,7 @@ def _build_in_memory(manifest, source, target, step, max_shard_bytes) -> BuildRe
     artifact = write_artifact(
         target, _record(manifest, source, names, changes, loras), type(pipe).__name__, dict(pipe.config),
         in_memory_writers(pipe, extras, max_shard_bytes, quant_configs),
-        model_card=render_model_card, on_component=lambda n: step(f"writing {n}"),
+        model_card=render_model_card, on_component=lambda n: step(f"writing {n}"), log=step,
     )
     for change in changes:
         change.bytes_after = artifact.component_size(change.name)
@@ -252,7 +257,7 @@ def _build_streaming(manifest, source, target, step, max_shard_bytes, progress) 
     writers = {n: (model_writer(n) if n in models else plain_writer(n)) for n in sorted(entries)}
     artifact = write_artifact(
         target, _record(manifest, source, names, []), index["_class_name"], index, writers,
-        model_card=render_model_card, finalize=lambda full: _add_reports(full, changes, b),
+        model_card=render_model_card, finalize=lambda full: _add_reports(full, changes, b), log=step,
     )
     for change in changes.values():
         change.bytes_after = artifact.component_size(change.name)

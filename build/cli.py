@@ -242,10 +242,10 @@ def _print_summary(result) -> None:
     art = result.artifact
     if result.streamed:
         console.print(f"streamed build, peak RSS {_human(result.peak_rss_bytes)}")
-    runtime = art.manifest.get("runtime", {})
-    console.print(f"cacher (applied at load): {json.dumps(runtime.get('cacher'))}")
-    console.print(f"compiler (applied at load): {json.dumps(runtime.get('compiler'))}")
-    console.print(f"[bold green]artifact[/] {art.path} ({_human(art.size)}, {len(art.manifest['files'])} files)")
+    runtime = art.record.runtime_settings
+    console.print(f"cacher (applied at load): {json.dumps(runtime.cacher)}")
+    console.print(f"compiler (applied at load): {json.dumps(runtime.compiler)}")
+    console.print(f"[bold green]artifact[/] {art.path} ({_human(art.size)}, {len(art.record.files)} files)")
 
 
 @main.command()

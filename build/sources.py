@@ -89,6 +89,16 @@ def denoiser_name(pipeline) -> str:
     raise SourceError(f"{type(pipeline).__name__} has neither a transformer nor a unet to transform")
 
 
+def local_source_folder(source: str, base_dir: Path | None = None) -> Path | None:
+    """The folder a local-path source names (relative to ``base_dir``), or None for built-ins and Hub ids."""
+    if source.startswith(BUILTIN_PREFIX):
+        return None
+    folder = Path(source).expanduser()
+    if not folder.is_absolute() and base_dir is not None:
+        folder = base_dir / folder
+    return folder if folder.is_dir() else None
+
+
 def resolve_source(source: str, revision: str | None, base_dir: Path | None = None) -> SourceRef:
     """Find the source: built-ins need nothing, folders must hold model_index.json, Hub ids
     are resolved to a commit sha and downloaded (only the files a diffusers pipeline needs)."""
@@ -96,10 +106,8 @@ def resolve_source(source: str, revision: str | None, base_dir: Path | None = No
         if source[len(BUILTIN_PREFIX):] not in TINY_MODELS:
             raise SourceError(f"model.source = {source!r}: unknown built-in; choose one of {sorted(TINY_MODELS)}")
         return SourceRef(source, license="apache-2.0", card={"pipeline_tag": "text-to-image"})
-    folder = Path(source).expanduser()
-    if not folder.is_absolute() and base_dir is not None:
-        folder = base_dir / folder
-    if folder.is_dir():
+    folder = local_source_folder(source, base_dir)
+    if folder is not None:
         if not (folder / "model_index.json").is_file():
             raise SourceError(f"model.source = {source!r}: {folder} has no model_index.json (not a diffusers pipeline folder)")
         license_, card = _local_card(folder)

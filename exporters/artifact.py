@@ -1,13 +1,15 @@
 """Write a pipeline as an artifact folder, atomically and byte-deterministically.
 
-Everything is written into ``.<name>.partial-<pid>`` beside the target; ``smash.json`` is
-written last (an artifact without it is not an artifact), then the folder is renamed into
-place. A killed build leaves only a ``.partial`` folder, which the next build removes.
+Everything is written into ``.<name>.partial-<pid>`` beside the target; ``smash.json`` (the
+artifact record) is validated and written last (an artifact without it is not an artifact),
+then the folder is swapped into place by :mod:`.output_folder`, which never replaces anything
+but a previous artifact and never leaves the target without a complete one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -17,26 +19,27 @@ from typing import Any
 
 import torch
 
-from smash_runtime.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, dumps_manifest, file_table
+from smash_runtime.format import FORMAT_NAME, FORMAT_VERSION, RECORD_FILE, ArtifactRecord, file_table, record_from_data
 from smash_runtime.fused_layout import split_fused
 from smash_runtime.structure import WEIGHTS_FILE, module_units, split_into_units
 from smash_runtime.tensors import ShardWriter, split_aliases
 
-PARTIAL_MARK = ".partial-"
+from .output_folder import _checkpoint, check_output_folder, new_partial, recover_leftovers, replace_folder
+
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
 @dataclass
 class ArtifactInfo:
     path: Path
-    manifest: dict[str, Any]
+    record: ArtifactRecord
 
     @property
     def size(self) -> int:
-        return sum(f["size"] for f in self.manifest["files"].values())
+        return sum(f.size for f in self.record.files.values())
 
     def component_size(self, name: str) -> int:
-        return sum(f["size"] for rel, f in self.manifest["files"].items() if rel.startswith(name + "/"))
+        return sum(f.size for rel, f in self.record.files.items() if rel.startswith(name + "/"))
 
 
 def library_of(obj: object) -> str:
@@ -128,11 +131,6 @@ def plain_loading_record(loadable: bool) -> dict[str, Any]:
     return {} if loadable else {"plain_diffusers": False}
 
 
-def _remove_stale_partials(target: Path) -> None:
-    for stale in target.parent.glob(f".{target.name}{PARTIAL_MARK}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 def model_index_json(pipeline_class: str, config: dict[str, Any]) -> str:
     """model_index.json as DiffusionPipeline.from_pretrained reads it, in one canonical form."""
     import diffusers
@@ -175,6 +173,7 @@ def write_artifact(
     model_card: Callable[[dict[str, Any]], str] | None = None,
     on_component: Callable[[str], None] | None = None,
     finalize: Callable[[dict[str, Any]], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ArtifactInfo:
     """Write an artifact to ``target`` with ``smash.json`` built from ``manifest``.
 
@@ -184,19 +183,24 @@ def write_artifact(
     ``pipeline_config`` is the pipeline's config (component entries and options).
     ``model_card`` renders README.md from the finished manifest (files excepted).
     ``finalize`` may complete the manifest once every component is written (the streaming
-    build learns what it quantized only then).
+    build learns what it quantized only then). ``log`` reports leftovers of killed builds.
+
+    Raises:
+        SettingsError: ``target`` exists and is neither empty nor a previous artifact.
     """
-    target = Path(target).resolve()
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(target)
-    partial = target.parent / f".{target.name}{PARTIAL_MARK}{os.getpid()}"
-    partial.mkdir()
+    recover_leftovers(target, log or logging.getLogger("smash_build").warning)
+    target = check_output_folder(target)
+    partial = new_partial(target)
+    _checkpoint("started")
     try:
         components = {}
         for name, write in sorted(writers.items()):
             if on_component:
                 on_component(name)
             components[name] = write(partial / name)
+            _checkpoint(f"component {name}")
         (partial / "model_index.json").write_text(model_index_json(pipeline_class, pipeline_config), encoding="utf-8")
         full = {
             **manifest,
@@ -211,12 +215,15 @@ def write_artifact(
             (partial / "README.md").write_text(model_card(full), encoding="utf-8")
         _normalize_permissions(partial)
         full["files"] = file_table(partial)
-        (partial / MANIFEST_FILE).write_text(dumps_manifest(full), encoding="utf-8")
-        _swap_into_place(partial, target)
+        record = record_from_data(full, f"{target.name}/{RECORD_FILE} (being written)")
+        (partial / RECORD_FILE).write_text(record.dumps(), encoding="utf-8")
+        _checkpoint("record written")
+        check_output_folder(target)  # once more: something may have appeared there meanwhile
+        replace_folder(partial, target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return ArtifactInfo(target, full)
+    return ArtifactInfo(target, record)
 
 
 def _normalize_permissions(root: Path) -> None:
@@ -226,24 +233,15 @@ def _normalize_permissions(root: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def _swap_into_place(partial: Path, target: Path) -> None:
-    if target.exists():
-        retired = target.parent / f".{target.name}{PARTIAL_MARK}old-{os.getpid()}"
-        target.rename(retired)
-        partial.rename(target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        partial.rename(target)
-
-
-def refresh_file_table(root: str | os.PathLike) -> dict[str, Any]:
+def refresh_file_table(root: str | os.PathLike) -> ArtifactRecord:
     """Re-hash every file after adding some (evaluation results, a new model card)."""
-    from smash_runtime.format import read_manifest
+    from smash_runtime.format import read_record
 
     root = Path(root)
-    manifest = read_manifest(root)
-    manifest["files"] = file_table(root)
-    tmp = root / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(dumps_manifest(manifest), encoding="utf-8")
-    tmp.replace(root / MANIFEST_FILE)
-    return manifest
+    data = read_record(root).to_dict()
+    data["files"] = file_table(root)
+    record = record_from_data(data)
+    tmp = root / (RECORD_FILE + ".tmp")
+    tmp.write_text(record.dumps(), encoding="utf-8")
+    tmp.replace(root / RECORD_FILE)
+    return record

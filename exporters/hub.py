@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smash_runtime.errors import ArtifactError, SettingsError, SmashError
-from smash_runtime.format import MANIFEST_FILE, dumps_manifest, read_manifest, verify_files
+from smash_runtime.format import RECORD_FILE, ArtifactRecord, read_record, record_from_data, verify_files
 from smash_runtime.hub import parse_repo_ref, scrub
 
 logger = logging.getLogger("smash_build.hub")
@@ -63,32 +63,33 @@ class PublishResult:
         return sum(size for _, size in self.files)
 
 
-# Renders the artifact's card for a Hub repo: (artifact root, smash.json, repo id, branch) -> README.md
+# Renders the artifact's card for a Hub repo: (artifact root, smash.json as data, repo id, branch) -> README.md
 # text, or None to publish the card as it is. smash_build.model_card.card_for_repo is the one the CLI passes.
 CardRenderer = Callable[[Path, dict, str, str], "str | None"]
 CARD_FILE = "README.md"
 
 
-def _files_to_upload(root: Path, manifest: dict, replaced: dict[str, bytes]) -> tuple[list[tuple[str, int]], list[str]]:
-    listed = {MANIFEST_FILE: (root / MANIFEST_FILE).stat().st_size}
-    listed.update({rel: entry["size"] for rel, entry in manifest["files"].items()})
+def _files_to_upload(root: Path, record: ArtifactRecord, replaced: dict[str, bytes]) -> tuple[list[tuple[str, int]], list[str]]:
+    listed = {RECORD_FILE: (root / RECORD_FILE).stat().st_size}
+    listed.update({rel: entry.size for rel, entry in record.files.items()})
     listed.update({rel: len(data) for rel, data in replaced.items()})
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     return sorted(listed.items()), sorted(present - set(listed))
 
 
-def _card_for_repo(root: Path, manifest: dict, card: CardRenderer | None, repo_id: str,
+def _card_for_repo(root: Path, record: ArtifactRecord, card: CardRenderer | None, repo_id: str,
                    branch: str) -> dict[str, bytes]:
     """README.md written for the repo, and smash.json listing that README: the files that replace the local ones."""
-    if card is None or CARD_FILE not in manifest["files"]:
+    if card is None or CARD_FILE not in record.files:
         return {}
-    text = card(root, manifest, repo_id, branch)
+    data = record.to_dict()
+    text = card(root, data, repo_id, branch)
     if text is None:
         logger.info("%s was edited by hand: publishing it as it is", CARD_FILE)
         return {}
-    data = text.encode("utf-8")
-    files = {**manifest["files"], CARD_FILE: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
-    return {CARD_FILE: data, MANIFEST_FILE: dumps_manifest({**manifest, "files": files}).encode("utf-8")}
+    readme = text.encode("utf-8")
+    data["files"][CARD_FILE] = {"sha256": hashlib.sha256(readme).hexdigest(), "size": len(readme)}
+    return {CARD_FILE: readme, RECORD_FILE: record_from_data(data).dumps().encode("utf-8")}
 
 
 def _resolve_token(token: str | None) -> str:
@@ -169,15 +170,15 @@ def publish_artifact(
     if branch.startswith("refs/") or len(branch) == 40 and all(c in "0123456789abcdef" for c in branch):
         raise SettingsError("revision", revision, "a branch name (commits go to a branch, not to a commit or ref)")
 
-    manifest = read_manifest(root)
+    record = read_record(root)
     try:
-        verify_files(root, manifest, mode="full")
+        verify_files(root, record, mode="full")
     except ArtifactError as exc:
-        raise ArtifactError(f"refusing to publish {root}: {exc}", file=exc.file) from exc
-    replaced = _card_for_repo(root, manifest, card, repo_id, branch)
-    files, ignored = _files_to_upload(root, manifest, replaced)
+        raise ArtifactError(f"refusing to publish {root}: {exc}", file=exc.file, field=exc.field) from exc
+    replaced = _card_for_repo(root, record, card, repo_id, branch)
+    files, ignored = _files_to_upload(root, record, replaced)
     if ignored:
-        logger.warning("not uploading %d file(s) that %s does not list: %s", len(ignored), MANIFEST_FILE,
+        logger.warning("not uploading %d file(s) that %s does not list: %s", len(ignored), RECORD_FILE,
                        ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
     if dry_run:
         return PublishResult(repo_id=repo_id, revision=branch, files=files, dry_run=True, private=private,
@@ -260,7 +261,7 @@ def format_publish_result(result: PublishResult) -> str:
         lines.append(f"{result.commit_url}")
         lines.append(f"load it with: smash_runtime.load(\"{result.repo_id}@{result.commit_sha}\")")
     if result.ignored:
-        lines.append(f"not uploaded (not listed in {MANIFEST_FILE}): {', '.join(result.ignored)}")
+        lines.append(f"not uploaded (not listed in {RECORD_FILE}): {', '.join(result.ignored)}")
     if result.dry_run:
         lines.append("nothing was uploaded")
     return "\n".join(lines)

@@ -48,7 +48,7 @@ from typing import Any
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from smash_runtime.errors import SettingsError, SmashError
-from smash_runtime.format import MANIFEST_FILE, read_manifest, verify_files
+from smash_runtime.format import RECORD_FILE, read_record, verify_files
 
 from .lock import LOCK_FILE, RUNTIME_DIST, TOOLS_FILE, VARIANTS, Wheelhouse, lock_text, resolve_wheelhouse, sha256_of
 
@@ -181,7 +181,7 @@ def source_date_epoch(manifest: dict[str, Any]) -> int:
 
 def artifact_sha256(artifact_dir: str | os.PathLike) -> str:
     """The artifact's identity: sha256 of ``smash.json``, which holds the sha256 of every other file."""
-    return sha256_of(Path(artifact_dir) / MANIFEST_FILE)
+    return sha256_of(Path(artifact_dir) / RECORD_FILE)
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
@@ -341,7 +341,7 @@ def _plan(artifact_dir: Path, manifest: dict[str, Any], wheelhouse: Wheelhouse, 
     entries.append(_Entry(f"{WHEELHOUSE_DIR}/app/{LOCK_FILE}", CODE_EPOCH, data=app_lock.encode()))
     # Only the files smash.json vouches for (and smash.json): a stray file in the artifact folder
     # (a token, a notebook) never gets baked into an image.
-    artifact_files = [(rel, artifact_dir / rel) for rel in manifest["files"]] + [(MANIFEST_FILE, artifact_dir / MANIFEST_FILE)]
+    artifact_files = [(rel, artifact_dir / rel) for rel in manifest["files"]] + [(RECORD_FILE, artifact_dir / RECORD_FILE)]
     entries += _tree(f"{ARTIFACT_LAYER}/{ARTIFACT_IN_IMAGE}", artifact_files, epoch, seen)
     cache_files = []
     if compile_cache is not None:
@@ -435,10 +435,11 @@ def _prepare(artifact_dir, *, base_image: str, variant: str, include_compile_cac
     if not base_image or not isinstance(base_image, str):
         raise SettingsError("base_image", base_image, "an image reference such as python:3.11-slim-bookworm")
     artifact_dir = Path(artifact_dir)
-    manifest = read_manifest(artifact_dir)
+    record = read_record(artifact_dir)
     if log:
-        log(f"verifying {len(manifest['files'])} artifact files")
-    verify_files(artifact_dir, manifest, mode="full")
+        log(f"verifying {len(record.files)} artifact files")
+    verify_files(artifact_dir, record, mode="full")
+    manifest = record.to_dict()
     cache = None
     if include_compile_cache is not None:
         cache = Path(include_compile_cache)

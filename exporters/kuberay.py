@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from smash_runtime.errors import SettingsError
-from smash_runtime.format import read_manifest
+from smash_runtime.format import read_record
 from smash_runtime.server.scaling import ServeSettings, serve_settings_from_dict
 
 API_VERSION = "ray.io/v1"
@@ -62,10 +62,10 @@ def rayservice_manifest(
         SettingsError: a bad name, image, memory quantity or scaling setting (nothing is written).
         ArtifactError: ``artifact_dir`` is not an artifact.
     """
-    manifest = read_manifest(artifact_dir)
-    recorded = ((manifest.get("runtime") or {}).get("serve")) or {}
+    record = read_record(artifact_dir)
+    recorded = record.runtime_settings.serve or {}
     settings = serve_settings_from_dict(scaling or {}, base=serve_settings_from_dict(recorded))
-    name = name or _dns_name(manifest.get("name") or Path(artifact_dir).resolve().name)
+    name = name or _dns_name(record.name or Path(artifact_dir).resolve().name)
     if not _DNS_LABEL.match(name):
         raise SettingsError("name", name, "a DNS label: lower-case letters, digits and '-', at most 63 characters")
     if not image or any(c.isspace() for c in image):

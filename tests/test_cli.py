@@ -34,9 +34,9 @@ def test_build_then_evaluate_writes_results_and_a_card_that_agrees(tmp_path):
     assert optimized["fidelity"]["psnr"]["n"] == 2
     assert any(Path(out / "eval" / "samples").iterdir())
     # The build's own file table still verifies: evaluation output is not part of the artifact's hashes.
-    from smash_runtime.format import read_manifest, verify_files
+    from smash_runtime.format import read_record, verify_files
 
-    verify_files(out, read_manifest(out), mode="full")
+    verify_files(out, read_record(out), mode="full")
 
 
 def test_push_without_a_publish_table_is_a_usage_error_and_builds_nothing(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smash_runtime.format import MANIFEST_FILE
+from smash_runtime.format import RECORD_FILE
 from spine_helpers import GEN, build_from_text, digests_in_fresh_process, image_digest, manifest_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,7 +85,7 @@ def test_a_component_diffusers_cannot_load_is_refused_loudly(tmp_path):
     text = manifest_text(method="int8wo", exclude="norm+embedding").replace(
         'dtype = "float32"', 'dtype = "float32"\ncomponents = ["transformer", "text_encoder"]')
     result = build_from_text(text, tmp_path / "a")
-    record = json.loads((tmp_path / "a" / MANIFEST_FILE).read_text())["components"]
+    record = json.loads((tmp_path / "a" / RECORD_FILE).read_text())["components"]
     assert record["text_encoder"]["plain_diffusers"] is False and "plain_diffusers" not in record["transformer"]
     assert digests_in_fresh_process([tmp_path / "a"]) == {str(tmp_path / "a"): image_digest(result.pipeline)}
     [outcome] = diffusers_digests([tmp_path / "a"]).values()

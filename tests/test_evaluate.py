@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from smash_runtime.errors import SettingsError
-from smash_runtime.format import read_manifest, verify_files
+from smash_runtime.format import read_record, verify_files
 
 from smash_build.evaluate import metrics as M
 from smash_build.evaluate.prompts import PromptSetError, builtin_prompts, load_prompts
@@ -269,9 +269,9 @@ def test_evaluate_after_build_writes_results_samples_plots_and_card(tiny_flux_ev
     with Image.open(out / "eval" / "samples_grid.png") as grid:
         assert grid.size[0] > 200
     # smash.json lists (and verifies) the evaluation files and the new card
-    manifest = read_manifest(out)
-    assert {"eval/results.json", "README.md", "eval/samples/03-optimized.png"} <= set(manifest["files"])
-    verify_files(out, manifest, mode="full")
+    record = read_record(out)
+    assert {"eval/results.json", "README.md", "eval/samples/03-optimized.png"} <= set(record.files)
+    verify_files(out, record, mode="full")
 
     card = (out / "README.md").read_text()
     meta = yaml.safe_load(card.split("---\n")[1])
@@ -289,7 +289,7 @@ def test_evaluated_card_is_rewritten_for_the_repo_with_its_results(tiny_flux_eva
     from smash_build.model_card import card_for_repo
 
     out, _ = tiny_flux_evaluation
-    card = card_for_repo(out, read_manifest(out), "org/tiny-fast", "exp")
+    card = card_for_repo(out, read_record(out).to_dict(), "org/tiny-fast", "exp")
     assert card is not None, "the card evaluate wrote was taken for a hand-edited one"
     local = (out / "README.md").read_text()
     assert 'smash_runtime.load("org/tiny-fast@exp")' in card and "org/tiny-fast" not in local

@@ -13,7 +13,7 @@ from torch import nn
 import smash_runtime
 from smash_build.transforms import float8_dynamic_weight, quantization_config, quantize
 from smash_runtime.errors import ArtifactError, UnsupportedOnDevice
-from smash_runtime.format import MANIFEST_FILE
+from smash_runtime.format import RECORD_FILE
 from smash_runtime.fused_layout import join_fused
 from smash_runtime.structure import build_skeleton
 from smash_runtime.tensors import load_component_state_dict
@@ -95,7 +95,7 @@ def test_fp8dq_artifact_stores_the_baked_tensors_records_its_need_and_cpu_load_r
     text = manifest_text(fuse=True, method="fp8dq", exclude="norm+embedding").replace('"float32"', '"bfloat16"')
     result = build_from_text(text, tmp_path / "art")
     art = result.artifact.path
-    manifest = json.loads((art / MANIFEST_FILE).read_text())
+    manifest = json.loads((art / RECORD_FILE).read_text())
     assert manifest["components"]["transformer"]["quantization"] == {"method": "fp8dq", "requires": FP8DQ_NEEDS}
     assert manifest["transforms"]["quantize"]["method"] == "fp8dq"
     # what the runtime assigns: the stored tensors (fused q/k/v kept as their parts) joined again
@@ -111,7 +111,7 @@ def test_fp8dq_artifact_stores_the_baked_tensors_records_its_need_and_cpu_load_r
 
 def test_loader_honours_a_recorded_need_and_rejects_a_malformed_one(tmp_path):
     result = build_from_text(manifest_text(method="int8wo"), tmp_path / "art")
-    path = result.artifact.path / MANIFEST_FILE
+    path = result.artifact.path / RECORD_FILE
     manifest = json.loads(path.read_text())
     record = manifest["components"]["transformer"]["quantization"]
     assert record == {"method": "int8wo"}

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from smash_runtime.errors import ArtifactError, SettingsError
-from smash_runtime.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, dumps_manifest, file_table
+from smash_runtime.format import FORMAT_NAME, FORMAT_VERSION, RECORD_FILE, dumps_record, file_table
 from smash_runtime.hub import AccessDenied, HubUnavailable, RepoNotFound, RevisionNotFound, download_artifact, parse_repo_ref
 
 from hub_double import HubDouble
@@ -51,7 +52,7 @@ def make_artifact(root: Path, seed: int = 0, extra: dict[str, bytes] | None = No
         (root / rel).write_bytes(data)
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "pipeline_class": "FluxPipeline",
                 "components": {}, "files": file_table(root)}
-    (root / MANIFEST_FILE).write_text(dumps_manifest(manifest), encoding="utf-8")
+    (root / RECORD_FILE).write_text(dumps_record(manifest), encoding="utf-8")
     return root
 
 
@@ -272,11 +273,11 @@ def test_repo_that_is_not_an_artifact(client, hub):
     hub.seed_repo("smash/plain-diffusers", {"model_index.json": b"{}", "unet/config.json": b"{}"})
     with pytest.raises(ArtifactError, match="not a smash-build artifact") as err:
         download_artifact("smash/plain-diffusers")
-    assert err.value.file == MANIFEST_FILE
+    assert err.value.file == RECORD_FILE
 
 
 def test_repo_with_a_foreign_smash_json(client, hub):
-    hub.seed_repo("smash/foreign", {MANIFEST_FILE: b'{"format": "something-else"}'})
+    hub.seed_repo("smash/foreign", {RECORD_FILE: b'{"format": "something-else"}'})
     with pytest.raises(ArtifactError, match="smash/foreign@[0-9a-f]{40} is not a usable smash-build artifact"):
         download_artifact("smash/foreign")
 
@@ -527,7 +528,7 @@ def built_twice(tmp_path_factory, one_thread):
 def test_builds_into_differently_named_folders_are_byte_identical(built_twice):
     first, second = built_twice
     assert first.name != second.name and tree_bytes(first) == tree_bytes(second)
-    assert first.name.encode() not in (first / "README.md").read_bytes() + (first / MANIFEST_FILE).read_bytes()
+    assert first.name.encode() not in (first / "README.md").read_bytes() + (first / RECORD_FILE).read_bytes()
 
 
 def test_published_card_loads_the_repo_and_passes_hub_validation(client, hub, built_twice):
@@ -584,7 +585,7 @@ def test_lora_from_the_hub_is_pinned_to_a_commit_and_recorded(client, hub, tmp_p
     api.upload_file(path_or_fileobj=str(lora), path_in_repo="weights/lora.safetensors", repo_id="smash/flux-lora")
     entry = 'lora = [{ source = "smash/flux-lora", weight_name = "weights/lora.safetensors", scale = 0.5 }]'
     build_from_text(manifest_text().replace("[build]\n", f"[build]\n{entry}\n"), tmp_path / "art")
-    record = json.loads((tmp_path / "art" / MANIFEST_FILE).read_text())["transforms"]["lora"]
+    record = json.loads((tmp_path / "art" / RECORD_FILE).read_text())["transforms"]["lora"]
     assert record == [{"source": "smash/flux-lora", "weight_name": "weights/lora.safetensors", "scale": 0.5,
                        "revision": "main", "commit": hub.head("smash/flux-lora"),
                        "sha256": hashlib.sha256(lora.read_bytes()).hexdigest()}]
@@ -592,3 +593,74 @@ def test_lora_from_the_hub_is_pinned_to_a_commit_and_recorded(client, hub, tmp_p
     with pytest.raises(SettingsError, match=r"build.lora\[0\].weight_name = 'lora.safetensors': no such file"):
         build_from_text(manifest_text().replace("[build]\n", f"[build]\n{wrong}\n"), tmp_path / "art2")
     assert not (tmp_path / "art2").exists()
+
+# --- the trust model on the Hub (docs/trust.md) ---------------------------------------------------
+
+def _hostile_record(files: dict[str, bytes], change) -> dict[str, bytes]:
+    record = json.loads(files[RECORD_FILE])
+    change(record)
+    return {**files, RECORD_FILE: dumps_record(record).encode()}
+
+
+def _list_outside(rel: str):
+    def change(record: dict) -> None:
+        record["files"][rel] = {"sha256": "0" * 64, "size": 1}
+    return change
+
+
+def _component_named(name: str):
+    def change(record: dict) -> None:
+        record["components"][name] = {"library": "diffusers", "class": "AutoencoderKL", "kind": "model"}
+    return change
+
+
+@pytest.mark.parametrize("change,field", [
+    (_list_outside("../../../outside/secret"), "files"),
+    (_list_outside("/etc/passwd"), "files"),
+    (_list_outside("transformer/../../x"), "files"),
+    (_component_named("../vae"), "components"),
+], ids=["files-dotdot", "files-absolute", "files-inner-dotdot", "component-dotdot"])
+def test_hub_artifact_with_traversal_fields_is_refused_before_fetching_more(client, tmp_path, hub, change, field):
+    repo = f"smash/hostile-{field}-{len(hub.requests)}"
+    hub.seed_repo(repo, _hostile_record(tree_bytes(make_artifact(tmp_path / "art")), change))
+    before = len(hub.requests)
+    with pytest.raises(ArtifactError, match=rf"not a usable smash-build artifact: .*field {field}") as err:
+        download_artifact(repo)
+    assert err.value.file == RECORD_FILE and err.value.field.startswith(field)
+    fetched = [r["path"] for r in hub.requests[before:] if "/resolve/" in r["path"] or "/tree/" in r["path"]]
+    assert fetched and all(path.endswith("/" + RECORD_FILE) for path in fetched), f"fetched more than the record: {fetched}"
+
+
+def test_hub_cache_symlinks_are_the_one_exception(client, tmp_path, hub):
+    """A snapshot's files are symlinks into the same repo's blobs: accepted. Pointed anywhere else: refused."""
+    from smash_runtime.format import read_record, verify_files
+
+    hub.seed_repo("smash/linked", tree_bytes(make_artifact(tmp_path / "art", seed=5)))
+    hub.seed_repo("smash/other", tree_bytes(make_artifact(tmp_path / "other", seed=6)))
+    root = download_artifact("smash/linked")
+    other = download_artifact("smash/other")
+    assert (root / WEIGHTS).is_symlink() and (root / RECORD_FILE).is_symlink()
+    verify_files(root, read_record(root))
+
+    link = root / WEIGHTS
+    original = os.readlink(link)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes((root / WEIGHTS).read_bytes())  # same bytes: only the location is wrong
+    other_blob = (other / WEIGHTS).resolve()  # another repo's blob store in the same cache
+    nested = root.parent.parent / "blobs" / "nested"
+    nested.mkdir()
+    (nested / "x").write_bytes(outside.read_bytes())
+    for target in (outside, other_blob, nested / "x"):
+        link.unlink()
+        os.symlink(target, link)
+        with pytest.raises(ArtifactError, match=f"{WEIGHTS}: is a symlink"):
+            verify_files(root, read_record(root))
+    link.unlink()
+    os.symlink(original, link)
+    verify_files(root, read_record(root))
+
+    # the same links copied out of the cache point nowhere they may: refused
+    copy = tmp_path / "copied"
+    shutil.copytree(root, copy, symlinks=True)
+    with pytest.raises(ArtifactError, match="is a symlink"):
+        verify_files(copy, read_record(root))

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 import smash_runtime
 from smash_runtime.errors import SettingsError
-from smash_runtime.format import MANIFEST_FILE
+from smash_runtime.format import RECORD_FILE
 
 from spine_helpers import (GEN, build_from_text, digests_in_fresh_process, image_digest, lora_pairs, manifest_text,
                            tree_hashes, write_peft_lora)
@@ -103,7 +103,7 @@ def test_two_loras_fuse_in_order_and_are_recorded(sources, tmp_path):
     result = build_from_text(lora_manifest(src["folder"], loras), tmp_path / "art")
     assert image_digest(result.pipeline) == image_digest(diffusers_with_lora(src["folder"], loras))
 
-    record = json.loads((tmp_path / "art" / MANIFEST_FILE).read_text())["transforms"]
+    record = json.loads((tmp_path / "art" / RECORD_FILE).read_text())["transforms"]
     assert record["order"] == ["lora", "fuse_qkv", "quantize"]
     assert [(r["source"], r["weight_name"], r["scale"], r["sha256"]) for r in record["lora"]] == [
         (str(file), file.name, scale, hashlib.sha256(file.read_bytes()).hexdigest()) for file, scale in loras]

@@ -15,7 +15,7 @@ import torch
 
 import smash_runtime
 from smash_runtime.errors import ArtifactError, UnsupportedOnDevice
-from smash_runtime.format import MANIFEST_FILE
+from smash_runtime.format import RECORD_FILE
 
 from spine_helpers import build_from_text, digests_in_fresh_process, image_digest, manifest_text, tree_hashes
 
@@ -132,9 +132,9 @@ def test_missing_file_is_refused(artifact, tmp_path):
 
 def test_unknown_format_version_is_refused(artifact, tmp_path):
     art = _copy(artifact, tmp_path)
-    manifest = json.loads((art / MANIFEST_FILE).read_text())
+    manifest = json.loads((art / RECORD_FILE).read_text())
     manifest["format_version"] = 99
-    (art / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (art / RECORD_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="smash.json.*version 99 is not supported"):
         smash_runtime.load(art, device="cpu")
 
@@ -164,9 +164,9 @@ def test_int4wo_and_float32_fp8dq_on_cpu_give_clear_errors(tmp_path):
 def test_fp8_recorded_artifact_refused_on_cpu_at_load(artifact, tmp_path):
     """An artifact quantized with fp8dq on a GPU is refused on a CPU with the reason, before reading weights."""
     art = _copy(artifact, tmp_path)
-    manifest = json.loads((art / MANIFEST_FILE).read_text())
+    manifest = json.loads((art / RECORD_FILE).read_text())
     manifest["components"]["transformer"]["quantization"] = {"method": "fp8dq"}
-    (art / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (art / RECORD_FILE).write_text(json.dumps(manifest))
     with pytest.raises(UnsupportedOnDevice, match="fp8dq.*CUDA"):
         smash_runtime.load(art, device="cpu", verify="off")
 
@@ -188,9 +188,9 @@ def test_killed_build_leaves_no_complete_looking_artifact(tmp_path):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (target / MANIFEST_FILE).exists()
+    assert not (target / RECORD_FILE).exists()
     with pytest.raises(ArtifactError):
         smash_runtime.load(target, device="cpu")
     subprocess.run([sys.executable, "-m", "smash_build.cli", str(tmp_path / "m.toml")], check=True, capture_output=True)
     assert not list(tmp_path.glob(".artifact.partial-*"))
-    smash_runtime.format.verify_files(target, smash_runtime.format.read_manifest(target))
+    smash_runtime.format.verify_files(target, smash_runtime.format.read_record(target))

@@ -121,7 +121,7 @@ def evaluate_cmd(artifact, base_source, base_revision, base_dtype, manifest_path
 
     Writes eval/results.json, eval/samples/, plots and the README.md model card into ARTIFACT.
     """
-    from smash_runtime.format import read_manifest
+    from smash_runtime.format import read_record
 
     from .runner import BaseSpec, RuntimeConfig, evaluate
 
@@ -133,8 +133,8 @@ def evaluate_cmd(artifact, base_source, base_revision, base_dtype, manifest_path
             spec = load_manifest(manifest_path)
             table, base_dir = spec.evaluate, Path(manifest_path).parent
         settings = settings_from_options(table, options, base_dir)
-        recorded = BaseSpec.from_manifest(read_manifest(Path(artifact))) if not base_source else None
-        base = recorded or BaseSpec(base_source, base_revision, base_dtype or read_manifest(Path(artifact)).get("dtype") or "float32")
+        recorded = BaseSpec.from_record(read_record(Path(artifact))) if not base_source else None
+        base = recorded or BaseSpec(base_source, base_revision, base_dtype or read_record(Path(artifact)).dtype or "float32")
         if recorded and (base_revision or base_dtype):
             base = BaseSpec(recorded.id, base_revision or recorded.revision, base_dtype or recorded.dtype)
         evaluation = evaluate(artifact, settings, base=base, configurations=[RuntimeConfig("optimized", cacher, compiler)])

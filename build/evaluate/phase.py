@@ -94,9 +94,9 @@ def _preimport(spec: PhaseSpec) -> None:
         if str(spec["source"]["id"]).startswith("builtin:"):
             from smash_build import tiny_models  # noqa: F401
         return
-    from smash_runtime.format import read_manifest
+    from smash_runtime.format import read_record
 
-    getattr(diffusers, read_manifest(Path(spec["artifact"]))["pipeline_class"], None)  # diffusers imports lazily
+    getattr(diffusers, read_record(Path(spec["artifact"])).pipeline_class, None)  # diffusers imports lazily
     if spec.get("cacher") is not False and spec.get("cacher") is not None:
         from smash_runtime import cachers  # noqa: F401
     if spec.get("compiler") is not False and spec.get("compiler") is not None:

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from smash_runtime.format import read_manifest
+from smash_runtime.format import read_record
 
 from ..exporters.artifact import refresh_file_table
 from ..model_card import render_model_card, results_table_markdown
@@ -169,9 +169,9 @@ def write_report(evaluation: Evaluation, num_samples: int = 4) -> list[Path]:
         path.write_text(json.dumps(_finite(results), indent=2, sort_keys=True, default=_json_default) + "\n", encoding="utf-8")
         written.append(path)
 
-        manifest = read_manifest(root)
-        manifest.pop("files", None)
-        card = render_model_card(manifest, results_table_markdown(results["summary"], format_cell), evaluation=results)
+        record = read_record(root).to_dict()
+        record.pop("files", None)
+        card = render_model_card(record, results_table_markdown(results["summary"], format_cell), evaluation=results)
         (root / "README.md").write_text(card, encoding="utf-8")
         written.append(root / "README.md")
     finally:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from smash_runtime.errors import ArtifactError, SmashError
-from smash_runtime.format import MANIFEST_FILE, read_manifest
+from smash_runtime.format import RECORD_FILE, ArtifactRecord, read_record
 
 from .metrics import MetricsResult, compute_metrics, preflight
 from .phase import PROGRESS_MARK, PhaseSpec, run_phase
@@ -63,12 +63,13 @@ class BaseSpec:
     base_dir: str | None = None
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> BaseSpec:
-        src = manifest.get("source") or {}
-        if not src.get("id"):
-            raise ArtifactError("smash.json has no source id; pass the base model explicitly (--base)", file=MANIFEST_FILE)
+    def from_record(cls, record: ArtifactRecord) -> BaseSpec:
+        src = record.source
+        if src is None or not src.id:
+            raise ArtifactError("smash.json has no source id; pass the base model explicitly (--base)", file=RECORD_FILE,
+                                field="source.id")
         # The resolved commit, not the branch name: the base must be the weights the artifact was built from.
-        return cls(src["id"], src.get("commit") or src.get("revision"), manifest.get("dtype") or "float32")
+        return cls(src.id, src.commit or src.revision, record.dtype or "float32")
 
 
 @dataclass
@@ -121,13 +122,13 @@ def latency_stats(latencies_s: Sequence[float], steps: int | None) -> dict[str, 
     }
 
 
-def artifact_weight_bytes(manifest: dict[str, Any]) -> int:
+def artifact_weight_bytes(record: ArtifactRecord) -> int:
     """Bytes of the artifact's weight files (evaluation outputs and the model card excluded)."""
-    return sum(f["size"] for rel, f in manifest["files"].items() if rel.endswith(".safetensors"))
+    return sum(f.size for rel, f in record.files.items() if rel.endswith(".safetensors"))
 
 
-def artifact_total_bytes(manifest: dict[str, Any]) -> int:
-    return sum(f["size"] for rel, f in manifest["files"].items() if not rel.startswith(EVAL_DIR + "/") and rel != "README.md")
+def artifact_total_bytes(record: ArtifactRecord) -> int:
+    return sum(f.size for rel, f in record.files.items() if not rel.startswith(EVAL_DIR + "/") and rel != "README.md")
 
 
 class _Reporter:
@@ -227,9 +228,9 @@ def evaluate(
         progress: show progress bars.
     """
     root = Path(artifact)
-    manifest = read_manifest(root)
-    base = base or BaseSpec.from_manifest(manifest)
-    settings = fill_from_warmup(settings, manifest)
+    record = read_record(root)
+    base = base or BaseSpec.from_record(record)
+    settings = fill_from_warmup(settings, record)
     labels = [c.label for c in configurations]
     if not configurations or len(set(labels)) != len(labels) or "base" in labels:
         raise ValueError(f"configuration labels must be unique, non-empty and not 'base': {labels}")
@@ -260,7 +261,7 @@ def evaluate(
                                                   weights_dir=settings.weights_dir, clip_model=settings.clip_model,
                                                   device=device)
             on_metrics({"event": "done", "text": "done"})
-        results = build_results(manifest, root, settings, base, prompts, jobs, base_phase, configurations, phases, fidelity, device)
+        results = build_results(record, root, settings, base, prompts, jobs, base_phase, configurations, phases, fidelity, device)
     evaluation = Evaluation(results, base_images, images, prompts, root)
     if write:
         from .report import write_report
@@ -269,9 +270,9 @@ def evaluate(
     return evaluation
 
 
-def fill_from_warmup(settings: EvalSettings, manifest: dict[str, Any]) -> EvalSettings:
+def fill_from_warmup(settings: EvalSettings, record: ArtifactRecord) -> EvalSettings:
     """Unset steps/height/width default to the artifact's first warm-up shape: the shape it is built to serve."""
-    shapes = ((manifest.get("runtime") or {}).get("warmup") or {}).get("shapes") or []
+    shapes = (record.runtime_settings.warmup or {}).get("shapes") or []
     if not shapes:
         return settings
     shape = shapes[0]
@@ -292,13 +293,13 @@ def _side_record(phase: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_results(manifest, root, settings, base, prompts, jobs, base_phase, configurations, phases,
+def build_results(record: ArtifactRecord, root, settings, base, prompts, jobs, base_phase, configurations, phases,
                   fidelity: dict[str, MetricsResult], device) -> dict[str, Any]:
     """results.json: every number, the machine, library versions and the settings."""
     base_side = _side_record(base_phase)
     base_side["size_bytes"] = base_phase["weights_bytes"]
     base_median = base_side["latency"]["median_ms"]
-    weights = artifact_weight_bytes(manifest)
+    weights = artifact_weight_bytes(record)
     configs = []
     for cfg, phase in zip(configurations, phases):
         side = _side_record(phase)
@@ -316,8 +317,8 @@ def build_results(manifest, root, settings, base, prompts, jobs, base_phase, con
     return {
         "format": RESULTS_FORMAT,
         "format_version": RESULTS_VERSION,
-        "artifact": {"name": manifest.get("name") or root.name, "total_bytes": artifact_total_bytes(manifest),
-                     "weights_bytes": weights, "transforms": manifest.get("transforms"), "runtime": manifest.get("runtime")},
+        "artifact": {"name": record.name or root.name, "total_bytes": artifact_total_bytes(record),
+                     "weights_bytes": weights, **{k: record.to_dict().get(k) for k in ("transforms", "runtime")}},
         "base": {"source": base.id, "revision": base.revision, "dtype": base.dtype, **base_side},
         "configurations": configs,
         "settings": {**settings.record(), "device": device, "steps_used": base_phase["steps"], "images": len(jobs),

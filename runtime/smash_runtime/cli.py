@@ -1,16 +1,48 @@
-"""``smash-run``: load an artifact and write one image, or fill the compile cache."""
+"""``smash-run``: load an artifact and write one image, or fill the compile cache.
+
+Exit codes: 0 done; 1 any other project error (Hub unreachable, device lacks a kernel, ...);
+2 a bad option or setting; 3 the artifact is malformed, tampered with or reaches outside
+itself (:class:`~smash_runtime.errors.ArtifactError`); 4 an unexpected internal error (a bug:
+please report it with the ``--debug`` traceback). Errors are one line on stderr; ``--debug``
+or ``SMASH_DEBUG=1`` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
 
-from .errors import SmashError
+from .errors import ArtifactError, SettingsError, SmashError
 from .logs import NORMAL, QUIET, VERBOSE, configure_cli_logging, package_versions, quiet_third_party_logs
+
+EXIT_ERROR, EXIT_BAD_INPUT, EXIT_BAD_ARTIFACT, EXIT_INTERNAL = 1, 2, ArtifactError.exit_code, 4
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The documented exit code for ``exc`` (see the module docstring)."""
+    if isinstance(exc, ArtifactError):
+        return EXIT_BAD_ARTIFACT
+    if isinstance(exc, SettingsError):
+        return EXIT_BAD_INPUT
+    if isinstance(exc, SmashError):
+        return EXIT_ERROR
+    return EXIT_INTERNAL
+
+
+def fail(exc: BaseException, debug: bool) -> None:
+    """Print ``exc`` as one line (plus the traceback when debugging) and exit with its code."""
+    if debug or os.environ.get("SMASH_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(exc)
+    first = " ".join(str(exc).split())[:2000]
+    label = "error" if isinstance(exc, SmashError) else f"internal error ({type(exc).__name__}; rerun with --debug)"
+    click.echo(f"{label}: {first}", err=True)
+    sys.exit(exit_code_of(exc))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,9 +67,10 @@ from .logs import NORMAL, QUIET, VERBOSE, configure_cli_logging, package_version
 @click.option("--timings", is_flag=True, help="Print the load phase timings as JSON on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only (no progress bars, no \"wrote ...\" line).")
 @click.option("-v", "--verbose", is_flag=True, help="Also log the load phases, each line with its source location.")
+@click.option("--debug", is_flag=True, help="Print the traceback of an error (also: SMASH_DEBUG=1).")
 @click.version_option(message=package_versions("smash-run", "smash-runtime"))
 def main(artifact, prompt, seed, steps, height, width, guidance_scale, negative_prompt, output, device,
-         no_cacher, no_compile, verify, compile_cache, no_compile_cache, precompile, timings, quiet, verbose):
+         no_cacher, no_compile, verify, compile_cache, no_compile_cache, precompile, timings, quiet, verbose, debug):
     """Generate an image with the smash-build ARTIFACT (a folder or ORG/NAME[@REVISION] on the Hub).
 
     \b
@@ -45,7 +78,7 @@ def main(artifact, prompt, seed, steps, height, width, guidance_scale, negative_
       smash-run dist/tiny-flux --prompt "a red cube" --seed 0 --steps 4 --output cube.png
       smash-run dist/flux-dev-fast --precompile --compile-cache /cache
 
-    Exit codes: 0 done, 1 the artifact failed to load or generate, 2 a bad option or setting.
+    Exit codes: 0 done, 1 error, 2 bad option or setting, 3 malformed or tampered artifact, 4 internal error.
     """
     if quiet and verbose:
         raise click.UsageError("-q and -v exclude each other")
@@ -82,9 +115,8 @@ def main(artifact, prompt, seed, steps, height, width, guidance_scale, negative_
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_bytes(encode_png(image))
             say(f"wrote {output} ({image.width}x{image.height})")
-    except (SmashError, ValueError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2 if isinstance(exc, ValueError) else 1)
+    except Exception as exc:  # noqa: BLE001 - every failure is one line and a documented exit code
+        fail(exc, debug)
     if timings:
         click.echo(json.dumps(pipe.smash.timings, sort_keys=True), err=True)
 

@@ -10,15 +10,32 @@ class SmashError(Exception):
     """Base class of every error smash-build and smash-runtime raise on purpose."""
 
 
+def shorten(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: messages never echo a huge value whole.
+
+        >>> shorten("x" * 1000, 10)
+        "'xxxxxxxx... (1002 chars)"
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 1]}... ({len(text)} chars)"
+
+
 class ArtifactError(SmashError):
     """The artifact is missing, corrupted, tampered with or of an unknown format.
 
-    ``file`` names the offending file (relative to the artifact root) when there is one.
+    ``file`` names the offending file (relative to the artifact root) when there is one,
+    ``field`` the offending field of that file (dotted, e.g. ``components.vae.kind``).
+    ``smash-run`` exits with :data:`ArtifactError.exit_code` on it.
     """
 
-    def __init__(self, message: str, file: str | None = None):
+    exit_code = 3
+
+    def __init__(self, message: str, file: str | None = None, field: str | None = None):
         super().__init__(message)
         self.file = file
+        self.field = field
 
 
 class SettingsError(SmashError, ValueError):

@@ -1,6 +1,6 @@
 """The artifact format: the contract between smash-build and every runtime that reads it.
 
-An artifact is a folder in the diffusers layout plus ``smash.json``::
+An artifact is a folder in the diffusers layout plus ``smash.json``, *the artifact record*::
 
     model_index.json
     transformer/config.json
@@ -9,15 +9,19 @@ An artifact is a folder in the diffusers layout plus ``smash.json``::
     smash.json
     README.md
 
-``smash.json`` holds ``format`` and ``format_version`` (bumped on any incompatible change),
-``pipeline_class``, ``source``, ``dtype``, ``components`` (how to rebuild each one),
-``transforms`` (what was baked), ``runtime`` (cacher, compiler and warm-up settings the
-runtime applies), ``versions`` (libraries used to build) and ``files``: the sha256 and size
-of every other file in the artifact, which the loader verifies.
+The record (:class:`ArtifactRecord`) holds ``format`` and ``format_version`` (bumped on any
+incompatible change), ``pipeline_class``, ``source``, ``dtype``, ``components`` (how to rebuild
+each one), ``transforms`` (what was baked), ``runtime`` (cacher, compiler and warm-up settings
+the runtime applies), ``versions`` (libraries used to build) and ``files``: the sha256 and size
+of every other file in the artifact. It is parsed and validated once, before any other file of
+the artifact is opened; every file the runtime reads afterwards is one it lists (see
+:class:`ListedFiles` and docs/trust.md).
 
-    >>> from smash_runtime.format import read_manifest, verify_files
-    >>> manifest = read_manifest("dist/tiny-flux")
-    >>> verify_files("dist/tiny-flux", manifest, mode="full")
+    >>> from smash_runtime.format import read_record, verify_files
+    >>> record = read_record("dist/tiny-flux")
+    >>> listed = verify_files("dist/tiny-flux", record, mode="full")
+    >>> listed.read_bytes("model_index.json")[:1]
+    b'{'
 """
 
 from __future__ import annotations
@@ -25,20 +29,303 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from .errors import ArtifactError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ArtifactError, shorten
 
 FORMAT_NAME = "smash-artifact"
 FORMAT_VERSION = 2  # 2: fused projections stored as their parts' rows; quantization_config in config.json
-MANIFEST_FILE = "smash.json"
-# Files that live in the artifact but are not covered by the hash table: smash.json itself,
-# and the model card, which can be regenerated after evaluation without touching weights.
-UNHASHED_FILES = frozenset({MANIFEST_FILE})
+RECORD_FILE = "smash.json"
+# smash.json is the one file not covered by its own hash table.
+UNHASHED_FILES = frozenset({RECORD_FILE})
 VerifyMode = Literal["full", "fast", "off"]
 _CHUNK = 8 * 1024 * 1024
 
+# Bounds checked before a JSON parser sees the bytes: a record of a large model is well under
+# 1 MB; nesting deeper than a few levels is never written by the builder.
+MAX_RECORD_BYTES = 32 * 1024 * 1024
+MAX_JSON_BYTES = 64 * 1024 * 1024  # a listed JSON file (configs, shard index, tokenizer vocab)
+MAX_JSON_DEPTH = 64
+MAX_PATH_CHARS = 1024
+
+LIBRARIES = ("diffusers", "transformers")
+QUANT_METHODS = ("int8dq", "int8wo", "int4wo", "fp8wo", "fp8dq")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths inside the artifact
+
+def check_relative_path(rel: object, what: str = "path") -> str:
+    """``rel`` if it is a plain relative POSIX path inside the artifact, else ValueError.
+
+    Refused: non-strings, empty paths, absolute paths (``/x``, ``C:x``), backslashes, NUL and
+    other control characters, and ``""``, ``"."`` or ``".."`` parts.
+
+        >>> check_relative_path("transformer/config.json")
+        'transformer/config.json'
+    """
+    if not isinstance(rel, str):
+        raise ValueError(f"{what} must be a string")
+    if not rel or len(rel) > MAX_PATH_CHARS:
+        raise ValueError(f"{what} must be 1 to {MAX_PATH_CHARS} characters")
+    if rel.startswith("/") or "\\" in rel or re.match(r"[A-Za-z]:", rel):
+        raise ValueError(f"{what} {shorten(rel)} is absolute; expected a relative POSIX path inside the artifact")
+    if any(ord(c) < 32 or c == "\x7f" for c in rel):
+        raise ValueError(f"{what} {shorten(rel)} holds control characters")
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        raise ValueError(f"{what} {shorten(rel)} has an empty, '.' or '..' part; expected a normalised path inside the artifact")
+    return rel
+
+
+def _check_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,99}", name):
+        raise ValueError(f"component name {shorten(name)} is not a plain identifier (letters, digits, '_')")
+    return name
+
+
+RelPath = Annotated[str, AfterValidator(check_relative_path)]
+ComponentName = Annotated[str, AfterValidator(_check_name)]
+ClassName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")]
+
+
+# ---------------------------------------------------------------------------------------------
+# The record
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class FileRecord(_Strict):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex sha256 of the file's bytes")
+    size: int = Field(ge=0, le=1 << 50, description="size in bytes")
+
+
+def _check_capability(text: str) -> str:
+    if not re.fullmatch(r"[0-9]{1,2}\.[0-9]{1,2}", text):
+        raise ValueError("expected a CUDA compute capability 'MAJOR.MINOR', such as '8.9'")
+    return text
+
+
+class RequiresRecord(_Strict):
+    """What the stored weights need to run (fp8 baked on a CPU still needs sm >= 8.9 to run)."""
+
+    device: Literal["cuda"]
+    compute_capability: Annotated[str, AfterValidator(_check_capability)]
+
+    @property
+    def capability(self) -> tuple[int, int]:
+        major, minor = self.compute_capability.split(".")
+        return int(major), int(minor)
+
+
+class QuantizationRecord(_Strict):
+    method: Literal[QUANT_METHODS]
+    requires: RequiresRecord | None = None
+
+
+class ComponentRecord(_Strict):
+    """How the runtime rebuilds one pipeline component from its folder."""
+
+    library: Literal[LIBRARIES]
+    class_name: ClassName = Field(alias="class")
+    kind: Literal["model", "tokenizer", "config"]
+    fused_qkv: bool = False
+    quantization: QuantizationRecord | None = None
+    plain_diffusers: bool | None = None  # False: plain from_pretrained cannot load this component (informational)
+
+
+class SourceRecord(_Strict):
+    id: str = Field(max_length=4096)
+    revision: str | None = Field(default=None, max_length=256)
+    commit: str | None = Field(default=None, max_length=256)
+    license: str | None = Field(default=None, max_length=256)
+    # carried over from the base model's card (informational)
+    license_name: str | None = Field(default=None, max_length=256)
+    license_link: str | None = Field(default=None, max_length=4096)
+    pipeline_tag: str | None = Field(default=None, max_length=256)
+
+
+class QuantizeReportRecord(_Strict):
+    method: Literal[QUANT_METHODS]
+    exclude: list[str] = []
+    quantized: list[str] = []
+    excluded: list[str] = []
+    skipped: list[str] = []  # layers torchao left as they were
+
+
+class QuantizeRecord(_Strict):
+    method: Literal[QUANT_METHODS]
+    exclude: list[str] = []
+    modules: dict[str, QuantizeReportRecord] = {}
+
+
+class TransformsRecord(BaseModel):
+    """What the build baked. Informational for the runtime (the components say what to rebuild)."""
+
+    model_config = ConfigDict(extra="allow")
+    lora: list[dict[str, Any]] | None = None  # LoRA adapters fused before everything else, as the builder recorded them
+    order: list[Literal["lora", "fuse_qkv", "quantize"]] = []
+    components: list[ComponentName] = []
+    fuse_qkv: bool = False
+    quantize: QuantizeRecord | None = None
+
+
+class RuntimeRecord(_Strict):
+    """The recorded ``[runtime]`` tables; their fields are validated by the cacher/compiler models at use."""
+
+    cacher: dict[str, Any] | None = None
+    compiler: dict[str, Any] | None = None
+    warmup: dict[str, Any] | None = None
+    serve: dict[str, Any] | None = None  # Ray Serve scaling ([serve] in the manifest)
+
+
+class ArtifactRecord(_Strict):
+    """``smash.json``: the artifact record. ``files`` lists every file the runtime may open."""
+
+    format: Literal[FORMAT_NAME]
+    format_version: Literal[FORMAT_VERSION]
+    name: str | None = Field(default=None, max_length=256)
+    pipeline_class: ClassName
+    source: SourceRecord | None = None
+    dtype: Literal[DTYPES] | None = None
+    components: dict[ComponentName, ComponentRecord]
+    transforms: TransformsRecord | None = None
+    runtime: RuntimeRecord | None = None
+    versions: dict[str, str] = {}
+    source_date_epoch: int | None = Field(default=None, ge=0, description="fixed time stamp for container images")
+    files: dict[RelPath, FileRecord]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON data, with exactly the keys it was made with."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+    def dumps(self) -> str:
+        """Canonical JSON text of ``smash.json``: sorted keys, fixed indentation, trailing newline."""
+        return dumps_record(self.to_dict())
+
+    @property
+    def runtime_settings(self) -> RuntimeRecord:
+        return self.runtime or RuntimeRecord()
+
+
+def dumps_record(data: dict[str, Any]) -> str:
+    """Canonical JSON text of a record given as data (sorted keys, indent 2, trailing newline)."""
+    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _field_path(loc: tuple) -> str:
+    """``("files", "a/b.json", "size")`` -> ``files['a/b.json'].size``; keys are quoted and cut short."""
+    text = ""
+    for part in loc:
+        if part == "[key]":
+            text += " (the key)"
+        elif isinstance(part, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part):
+            text += f".{part}" if text else part
+        else:
+            text += f"[{shorten(part, 80)}]"
+    return text or "(top level)"
+
+
+def record_from_data(data: object, where: str = RECORD_FILE) -> ArtifactRecord:
+    """Validate parsed JSON as an :class:`ArtifactRecord`; the first problems become one ArtifactError."""
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{where}: expected a JSON object, found {type(data).__name__}",
+                            file=RECORD_FILE, field="(top level)")
+    if data.get("format") != FORMAT_NAME:
+        raise ArtifactError(
+            f"{where}: not a smash-build artifact record (expected \"format\": \"{FORMAT_NAME}\", "
+            f"found {shorten(data.get('format'))})", file=RECORD_FILE, field="format")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{where}: artifact format version {shorten(data.get('format_version'))} is not supported by this "
+            f"smash-runtime (it reads version {FORMAT_VERSION}). Install the smash-runtime release that matches "
+            "the builder that wrote it, or rebuild the artifact with this release.",
+            file=RECORD_FILE, field="format_version")
+    try:
+        return ArtifactRecord.model_validate(data)
+    except ValidationError as exc:
+        problems = exc.errors(include_url=False)
+        first = problems[0]
+        field = _field_path(first["loc"])
+        more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        raise ArtifactError(
+            f"{where}: field {field} = {shorten(first.get('input'))}: {first['msg'].removeprefix('Value error, ')}{more}; "
+            "the artifact is corrupted or was not written by smash-build",
+            file=RECORD_FILE, field=field) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded JSON
+
+def _json_depth(text: str) -> int:
+    stripped = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
+    depth = deepest = 0
+    for match in re.finditer(r"[\[\]{}]", stripped):
+        depth += 1 if match.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def parse_json(data: bytes, rel: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parse a JSON file of the artifact with its size and nesting depth bounded first.
+
+    Raises:
+        ArtifactError: naming ``rel``, when the file is too big, too deep or not JSON.
+    """
+    if len(data) > max_bytes:
+        raise ArtifactError(f"{rel}: {len(data)} bytes, more than the {max_bytes} allowed for a JSON file of an artifact",
+                            file=rel)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{rel}: not UTF-8 text ({exc.reason} at byte {exc.start})", file=rel) from None
+    depth = _json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ArtifactError(f"{rel}: JSON nested {depth} levels deep, more than the {MAX_JSON_DEPTH} allowed", file=rel)
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+        raise ArtifactError(f"{rel}: not valid JSON ({shorten(str(exc), 120)}); the artifact is corrupted", file=rel) from None
+
+
+def read_record(root: str | os.PathLike) -> ArtifactRecord:
+    """Read, bound, parse and validate ``smash.json`` of the artifact folder ``root``.
+
+    Raises:
+        ArtifactError: the folder is not an artifact, ``smash.json`` is too big, too deep, not
+            JSON, of an unknown format version, or has a field of the wrong type or value.
+
+    Example:
+        >>> record = read_record("dist/tiny-flux")
+        >>> record.components["transformer"].kind
+        'model'
+    """
+    root = Path(root)
+    path = root / RECORD_FILE
+    if not root.is_dir():
+        raise ArtifactError(f"{root} is not a folder: expected a smash-build artifact folder", file=None)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"{root} is not a smash-build artifact: it has no {RECORD_FILE}. Build one with `smash-build MANIFEST.toml`.",
+            file=RECORD_FILE) from None
+    if stat.S_ISLNK(st.st_mode) and not _is_hub_blob(root.resolve(), path):
+        raise ArtifactError(f"{path}: is a symlink; an artifact's {RECORD_FILE} must be a regular file", file=RECORD_FILE)
+    if path.stat().st_size > MAX_RECORD_BYTES:
+        raise ArtifactError(f"{path}: larger than {MAX_RECORD_BYTES} bytes; not an artifact record", file=RECORD_FILE)
+    data = parse_json(path.read_bytes(), RECORD_FILE, MAX_RECORD_BYTES)
+    return record_from_data(data, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: hashing, listing, verification
 
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
@@ -60,77 +347,121 @@ def file_table(root: str | os.PathLike, exclude: frozenset[str] = UNHASHED_FILES
     return table
 
 
-def dumps_manifest(manifest: dict[str, Any]) -> str:
-    """Canonical JSON text of ``smash.json``: sorted keys, fixed indentation, trailing newline."""
-    return json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+def _is_hub_blob(root_real: Path, path: Path) -> bool:
+    """The Hub cache exception: ``path`` is a symlink into the same repo's blob store.
 
-
-def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``smash.json`` of the artifact at ``root``.
-
-    Raises:
-        ArtifactError: the folder is not an artifact, the JSON is broken, or the format
-            version is one this runtime does not know.
+    huggingface_hub keeps ``<cache>/models--ORG--NAME/snapshots/<commit>/<file>`` as symlinks
+    to ``<cache>/models--ORG--NAME/blobs/<hash>``. Accepted only when the artifact root is such
+    a ``snapshots/<commit>`` folder, and the link resolves to a regular file directly inside
+    that repo's own ``blobs`` folder.
     """
-    root = Path(root)
-    path = root / MANIFEST_FILE
-    if not root.is_dir():
-        raise ArtifactError(f"{root} is not a folder: expected a smash-build artifact folder", file=None)
-    if not path.is_file():
-        raise ArtifactError(
-            f"{root} is not a smash-build artifact: it has no {MANIFEST_FILE}. "
-            "Build one with `smash-build MANIFEST.toml`.",
-            file=MANIFEST_FILE,
-        )
+    repo = root_real.parent.parent
+    if root_real.parent.name != "snapshots" or not repo.name.startswith(("models--", "datasets--", "spaces--")):
+        return False
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc}); the artifact is corrupted", file=MANIFEST_FILE) from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ArtifactError(
-            f"{path}: not a smash-build artifact manifest (expected \"format\": \"{FORMAT_NAME}\")",
-            file=MANIFEST_FILE,
-        )
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: artifact format version {version!r} is not supported by this smash-runtime "
-            f"(it reads version {FORMAT_VERSION}). Install the smash-runtime release that matches the "
-            "builder that wrote it, or rebuild the artifact with this release.",
-            file=MANIFEST_FILE,
-        )
-    for key in ("pipeline_class", "components", "files"):
-        if key not in manifest:
-            raise ArtifactError(f"{path}: required key {key!r} is missing; the artifact is corrupted", file=MANIFEST_FILE)
-    return manifest
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    return target.parent == repo / "blobs" and stat.S_ISREG(os.lstat(target).st_mode)
 
 
-def verify_files(root: str | os.PathLike, manifest: dict[str, Any], mode: VerifyMode = "full") -> None:
-    """Check every file ``smash.json`` lists: present, right size and (``full``) right sha256.
+def resolve_listed(root_real: Path, rel: str) -> Path:
+    """The real path of listed file ``rel`` under the (resolved) root, refusing every way out.
 
-    ``fast`` checks presence and sizes only; ``off`` checks nothing.
+    Each folder on the way must be a real folder inside the root (no symlinks); the file itself
+    must be a regular file, or a Hub cache symlink (see :func:`_is_hub_blob`).
+    """
+    check_relative_path(rel)
+    current = root_real
+    parts = rel.split("/")
+    for part in parts[:-1]:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            raise ArtifactError(f"{rel}: listed in {RECORD_FILE} but missing from {root_real}", file=rel) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise ArtifactError(f"{rel}: its folder {current.relative_to(root_real).as_posix()} is a symlink; "
+                                "an artifact may not link outside itself", file=rel)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ArtifactError(f"{rel}: {current.relative_to(root_real).as_posix()} is not a folder", file=rel)
+    path = current / parts[-1]
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{rel}: listed in {RECORD_FILE} but missing from {root_real}", file=rel) from None
+    if stat.S_ISREG(st.st_mode):
+        return path
+    if stat.S_ISLNK(st.st_mode) and _is_hub_blob(root_real, path):
+        return path.resolve(strict=True)
+    kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+    raise ArtifactError(f"{rel}: is {kind}; an artifact's files must be regular files inside it", file=rel)
+
+
+class ListedFiles:
+    """The files of one artifact that ``smash.json`` lists, already checked; nothing else is reachable.
+
+        >>> listed = verify_files(root, record)
+        >>> config = listed.read_json("transformer/config.json", field="components.transformer")
+    """
+
+    def __init__(self, root: Path, record: ArtifactRecord, paths: dict[str, Path], mode: VerifyMode):
+        self.root = root
+        self.record = record
+        self.mode = mode
+        self._paths = paths
+
+    def __contains__(self, rel: str) -> bool:
+        return rel in self._paths
+
+    def under(self, folder: str) -> list[str]:
+        """Listed files inside ``folder`` (a component name), sorted."""
+        return sorted(rel for rel in self._paths if rel.startswith(folder + "/"))
+
+    def path(self, rel: str, field: str | None = None) -> Path:
+        """The checked real path of ``rel``; ArtifactError when it is not listed."""
+        if rel not in self._paths:
+            raise ArtifactError(
+                f"{rel}: needed{f' by {field}' if field else ''} but not listed in {RECORD_FILE} 'files'; "
+                "the runtime reads only listed, hashed files", file=rel, field=field)
+        return self._paths[rel]
+
+    def read_bytes(self, rel: str, field: str | None = None) -> bytes:
+        """The bytes of ``rel``, checked against the record (size always, sha256 when ``full``)."""
+        data = self.path(rel, field).read_bytes()
+        expected = self.record.files[rel]
+        if self.mode != "off" and len(data) != expected.size:
+            raise ArtifactError(f"{rel}: size {len(data)} bytes, {RECORD_FILE} records {expected.size}: "
+                                "the file is truncated or was replaced", file=rel)
+        if self.mode == "full" and hashlib.sha256(data).hexdigest() != expected.sha256:
+            raise ArtifactError(f"{rel}: sha256 does not match {RECORD_FILE}: the file is corrupted or was modified", file=rel)
+        return data
+
+    def read_json(self, rel: str, field: str | None = None) -> Any:
+        return parse_json(self.read_bytes(rel, field), rel)
+
+
+def verify_files(root: str | os.PathLike, record: ArtifactRecord, mode: VerifyMode = "full") -> ListedFiles:
+    """Check every file the record lists: a regular file inside the root (always), its size
+    (``fast``, ``full``) and its sha256 (``full``). Returns the checked files.
 
     Raises:
-        ArtifactError: naming the first file that is missing, truncated or altered.
+        ArtifactError: naming the first file that is outside the root, missing, truncated or altered.
     """
     if mode not in ("full", "fast", "off"):
-        raise ValueError(f"verify={mode!r}: expected 'full', 'fast' or 'off'")
-    if mode == "off":
-        return
-    root = Path(root)
-    for rel, expected in sorted(manifest["files"].items()):
-        path = root / rel
-        if not path.is_file():
-            raise ArtifactError(f"{rel}: listed in {MANIFEST_FILE} but missing from {root}", file=rel)
+        raise ValueError(f"verify={shorten(mode)}: expected 'full', 'fast' or 'off'")
+    root_real = Path(root).resolve(strict=True)
+    paths: dict[str, Path] = {}
+    for rel, expected in sorted(record.files.items()):
+        path = resolve_listed(root_real, rel)
+        paths[rel] = path
+        if mode == "off":
+            continue
         size = path.stat().st_size
-        if size != expected["size"]:
+        if size != expected.size:
             raise ArtifactError(
-                f"{rel}: size {size} bytes, {MANIFEST_FILE} records {expected['size']}: "
-                "the file is truncated or was replaced",
-                file=rel,
-            )
-        if mode == "full" and sha256_file(path) != expected["sha256"]:
-            raise ArtifactError(
-                f"{rel}: sha256 does not match {MANIFEST_FILE}: the file is corrupted or was modified",
-                file=rel,
-            )
+                f"{rel}: size {size} bytes, {RECORD_FILE} records {expected.size}: the file is truncated or was replaced",
+                file=rel)
+        if mode == "full" and sha256_file(path) != expected.sha256:
+            raise ArtifactError(f"{rel}: sha256 does not match {RECORD_FILE}: the file is corrupted or was modified", file=rel)
+    return ListedFiles(root_real, record, paths, mode)

@@ -18,10 +18,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 from .errors import ArtifactError, SettingsError, SmashError
-from .format import MANIFEST_FILE, VerifyMode, read_manifest, verify_files
+from .format import RECORD_FILE, VerifyMode, read_record, verify_files
 
 # The Hub's rules for user/org and repo names.
 _NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
@@ -131,9 +130,9 @@ def hub_error(exc: Exception, repo_id: str, revision: str | None, token: str | N
             "full 40-character commit sha).", repo_id, revision)
     if isinstance(exc, hf.RemoteEntryNotFoundError):
         return ArtifactError(
-            f"{where} is not a smash-build artifact: the repo has no {MANIFEST_FILE}. Publish one with "
+            f"{where} is not a smash-build artifact: the repo has no {RECORD_FILE}. Publish one with "
             "`smash-build publish ARTIFACT --repo ORG/NAME`, or load plain diffusers repos with "
-            "DiffusionPipeline.from_pretrained.", file=MANIFEST_FILE)
+            "DiffusionPipeline.from_pretrained.", file=RECORD_FILE)
     if isinstance(exc, hf.HfHubHTTPError) and exc.response is not None and exc.response.status_code == 401:
         return AccessDenied(
             f"{where}: {endpoint} rejected the Hugging Face token (401: invalid or expired). Create a new token "
@@ -164,19 +163,6 @@ def _literal_pattern(path: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", path)
 
 
-def _checked_file_list(manifest: dict[str, Any], where: str) -> list[str]:
-    files = manifest["files"]
-    if not isinstance(files, dict):
-        raise ArtifactError(f"{where}: {MANIFEST_FILE} 'files' is not a table of paths", file=MANIFEST_FILE)
-    for rel in files:
-        parts = rel.split("/")
-        if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
-            raise ArtifactError(
-                f"{where}: {MANIFEST_FILE} lists {rel!r}, which is not a plain relative path inside the artifact",
-                file=MANIFEST_FILE)
-    return sorted(files)
-
-
 def download_artifact(
     repo_id: str,
     revision: str | None = None,
@@ -196,7 +182,7 @@ def download_artifact(
         cache_dir: the HF hub cache to use (default ``HF_HUB_CACHE``).
 
     Returns:
-        The snapshot folder (read it with :func:`smash_runtime.load` or ``read_manifest``).
+        The snapshot folder (read it with :func:`smash_runtime.load` or ``read_record``).
 
     Raises:
         SettingsError: ``repo_id`` is malformed.
@@ -220,23 +206,23 @@ def download_artifact(
     # smash.json first: it says which files make the artifact, and its snapshot folder names
     # the commit the revision resolved to, so every other file is read from that same commit.
     try:
-        manifest_path = Path(hf_hub_download(repo_id, MANIFEST_FILE, revision=revision, **kwargs))
+        record_path = Path(hf_hub_download(repo_id, RECORD_FILE, revision=revision, **kwargs))
     except Exception as exc:  # noqa: BLE001 - translated, with the original chained
         raise hub_error(exc, repo_id, revision, secret) from exc
-    root = manifest_path.parent
+    root = record_path.parent
     commit = root.name if _COMMIT.fullmatch(root.name) else revision
     where = f"{repo_id}@{commit}" if commit else repo_id
     try:
-        manifest = read_manifest(root)
+        record = read_record(root)  # every listed path is checked to be plain and relative here
     except ArtifactError as exc:
-        raise ArtifactError(f"{where} is not a usable smash-build artifact: {exc}", file=exc.file) from exc
-    patterns = [MANIFEST_FILE, *(_literal_pattern(rel) for rel in _checked_file_list(manifest, where))]
+        raise ArtifactError(f"{where} is not a usable smash-build artifact: {exc}", file=exc.file, field=exc.field) from exc
+    patterns = [RECORD_FILE, *(_literal_pattern(rel) for rel in sorted(record.files))]
     try:
         snapshot = Path(snapshot_download(repo_id, revision=commit, allow_patterns=patterns, **kwargs))
     except Exception as exc:  # noqa: BLE001
         raise hub_error(exc, repo_id, revision, secret) from exc
     try:
-        verify_files(snapshot, manifest, mode=verify)
+        verify_files(snapshot, record, mode=verify)
     except ArtifactError as exc:
-        raise ArtifactError(f"{where}: {exc}", file=exc.file) from exc
+        raise ArtifactError(f"{where}: {exc}", file=exc.file, field=exc.field) from exc
     return snapshot

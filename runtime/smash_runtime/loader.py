@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +14,20 @@ from typing import Any
 import torch
 
 from .errors import ArtifactError, SettingsError, UnsupportedOnDevice
-from .format import MANIFEST_FILE, VerifyMode, read_manifest, verify_files
+from .errors import shorten
+from .format import (
+    RECORD_FILE,
+    ArtifactRecord,
+    ComponentRecord,
+    ListedFiles,
+    VerifyMode,
+    check_relative_path,
+    read_record,
+    verify_files,
+)
 from .fused_layout import join_fused
-from .structure import WEIGHTS_FILE, assign_weights, build_skeleton, resolve_class
-from .tensors import load_component_state_dict
+from .structure import WEIGHTS_FILE, assign_weights, resolve_class, skeleton_from_config
+from .tensors import index_name, load_files_state_dict
 
 logger = logging.getLogger("smash_runtime")
 
@@ -30,7 +41,7 @@ class LoadInfo:
     """What ``load`` read and did; reachable as ``pipe.smash``."""
 
     root: Path
-    manifest: dict[str, Any]
+    record: ArtifactRecord
     device: str
     timings: dict[str, float] = field(default_factory=dict)
     cacher: dict[str, Any] | None = None
@@ -39,7 +50,7 @@ class LoadInfo:
 
     @property
     def artifact_id(self) -> str:
-        return self.manifest.get("name") or self.root.name
+        return self.record.name or self.root.name
 
 
 class _Phases:
@@ -78,30 +89,17 @@ def resolve_artifact(path_or_repo_id: str | os.PathLike) -> Path:
     return download_artifact(repo_id, revision)
 
 
-def _recorded_need(name: str, quantization: dict[str, Any]) -> tuple[int, int] | None:
-    """The compute capability the artifact says its weights need (``requires`` in the record)."""
-    requires = quantization.get("requires")
-    if requires is None:
-        return None
-    text = requires.get("compute_capability") if isinstance(requires, dict) else None
-    major, dot, minor = str(text).partition(".")
-    if not (isinstance(requires, dict) and requires.get("device") == "cuda" and major.isdigit() and minor.isdigit() and dot):
-        raise ArtifactError(
-            f"components.{name}.quantization.requires = {str(requires)[:80]!r}: expected "
-            '{"device": "cuda", "compute_capability": "MAJOR.MINOR"}', file=MANIFEST_FILE)
-    return int(major), int(minor)
-
-
-def check_device_support(manifest: dict[str, Any], device: str) -> None:
+def check_device_support(record: ArtifactRecord, device: str) -> None:
     """Refuse quantized weights whose kernels this device lacks, before reading any weight.
 
     The need is this runtime's own table for the method, raised to what the artifact records
     in ``requires`` (an artifact can ask for more, never for less).
     """
-    for name, record in manifest["components"].items():
-        quantization = record.get("quantization") or {}
-        method = quantization.get("method")
-        needs = [n for n in (_CUDA_ONLY.get(method), _recorded_need(name, quantization)) if n]
+    for name, component in record.components.items():
+        quantization = component.quantization
+        method = quantization.method if quantization else None
+        recorded = quantization.requires.capability if quantization and quantization.requires else None
+        needs = [n for n in (_CUDA_ONLY.get(method), recorded) if n]
         if not needs:
             continue
         need = max(needs)
@@ -119,23 +117,138 @@ def check_device_support(manifest: dict[str, Any], device: str) -> None:
             )
 
 
-def _load_component(root: Path, name: str, record: dict[str, Any], dtype: torch.dtype | None, phase):
-    folder = root / name
-    kind = record["kind"]
-    cls = resolve_class(record["library"], record["class"])
-    if kind == "config":  # schedulers
-        return cls.from_pretrained(folder)
-    if kind == "tokenizer":
-        return cls.from_pretrained(folder)
+# Fields with which a config asks a library to import code shipped with the model.
+_REMOTE_CODE_FIELDS = ("auto_map", "custom_pipeline", "trust_remote_code")
+
+
+def refuse_remote_code(config: Any, rel: str) -> None:
+    """Refuse a config that asks for code shipped with the artifact: smash-runtime never runs it."""
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{rel}: expected a JSON object, found {type(config).__name__}", file=rel)
+    for key in _REMOTE_CODE_FIELDS:
+        if key in config:
+            raise ArtifactError(
+                f"{rel}: field {key!r} asks for code shipped with the model (remote code), which smash-runtime "
+                "never runs; rebuild the artifact from a source that uses diffusers/transformers classes only",
+                file=rel, field=key)
+
+
+def component_class(name: str, component: ComponentRecord) -> type:
+    """The library class a component record names, checked against its ``kind``.
+
+    Runs before any artifact file is opened: ``kind`` decides how files are read, so a
+    record can never route a component through a loader that would accept a pickle.
+    """
+    from diffusers import ModelMixin
+    from diffusers.configuration_utils import ConfigMixin
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    field = f"components.{name}"
+    cls = resolve_class(component.library, component.class_name, field=f"{field}.class")
+    expected = {
+        ("model", "diffusers"): (ModelMixin,),
+        ("model", "transformers"): (PreTrainedModel,),
+        ("config", "diffusers"): (ConfigMixin,),
+        ("tokenizer", "transformers"): (PreTrainedTokenizerBase,),
+    }.get((component.kind, component.library))
+    if expected is None or not issubclass(cls, expected) or (component.kind != "model" and issubclass(cls, torch.nn.Module)):
+        raise ArtifactError(
+            f"{RECORD_FILE}: {field}: {component.library} class {component.class_name} cannot be loaded as kind "
+            f"{component.kind!r} (model: a diffusers ModelMixin or transformers PreTrainedModel; config: a diffusers "
+            "scheduler; tokenizer: a transformers tokenizer)", file=RECORD_FILE, field=f"{field}.kind")
+    return cls
+
+
+def pipeline_class(record: ArtifactRecord, index: Any) -> type:
+    """The pipeline class, after checking ``model_index.json`` agrees with the record and names no custom code."""
+    from diffusers import DiffusionPipeline
+
+    rel = "model_index.json"
+    refuse_remote_code(index, rel)
+    if index.get("_class_name") != record.pipeline_class:
+        raise ArtifactError(f"{rel}: _class_name {shorten(index.get('_class_name'))} differs from {RECORD_FILE} "
+                            f"pipeline_class {record.pipeline_class!r}", file=rel, field="_class_name")
+    for key, entry in index.items():
+        if key.startswith("_") or not isinstance(entry, list):
+            continue
+        library = entry[0] if entry else None
+        if library is None and key not in record.components:
+            continue
+        component = record.components.get(key)
+        if component is None or entry != [component.library, component.class_name]:
+            raise ArtifactError(
+                f"{rel}: component {shorten(key)} = {shorten(entry)} is not the {RECORD_FILE} component of that name "
+                "(custom pipeline parts are remote code, which smash-runtime never runs)", file=rel, field=key)
+    cls = resolve_class("diffusers", record.pipeline_class, field="pipeline_class")
+    if not issubclass(cls, DiffusionPipeline):
+        raise ArtifactError(f"{RECORD_FILE}: pipeline_class {record.pipeline_class!r} is not a diffusers pipeline",
+                            file=RECORD_FILE, field="pipeline_class")
+    return cls
+
+
+def weight_files(listed: ListedFiles, name: str, library: str) -> list[tuple[str, Path]]:
+    """The listed safetensors files of a model component: one file, or the shards its listed index names."""
+    weights = WEIGHTS_FILE[library]
+    index_rel = f"{name}/{index_name(weights)}"
+    if index_rel not in listed:
+        rel = f"{name}/{weights}"
+        return [(rel, listed.path(rel, field=f"components.{name}"))]
+    index = listed.read_json(index_rel)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ArtifactError(f"{index_rel}: 'weight_map' must map tensor names to shard file names", file=index_rel,
+                            field="weight_map")
+    shards = []
+    for shard in sorted(set(weight_map.values())):
+        if "/" in shard or not shard.endswith(".safetensors"):
+            raise ArtifactError(f"{index_rel}: weight_map names {shorten(shard)}; a shard must be a .safetensors file "
+                                "in the component's own folder", file=index_rel, field="weight_map")
+        check_relative_path(shard, "shard")
+        shards.append((f"{name}/{shard}", listed.path(f"{name}/{shard}", field=index_rel)))
+    return shards
+
+
+def _verified_copies(listed: ListedFiles, name: str, into: Path) -> Path:
+    """A private folder holding verified copies of the listed files of component ``name``:
+    a tokenizer reads whatever its folder holds, so it gets nothing else."""
+    folder = into / name
+    for rel in listed.under(name):
+        dest = into / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        data = listed.read_bytes(rel)
+        if rel.endswith("_config.json") or rel.endswith("/config.json"):
+            refuse_remote_code(listed.read_json(rel), rel)
+        dest.write_bytes(data)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _load_component(listed: ListedFiles, name: str, component: ComponentRecord, cls: type,
+                    dtype: torch.dtype | None, phase, scratch: Path):
+    if component.kind == "config":  # schedulers
+        rel = f"{name}/{cls.config_name}"
+        config = listed.read_json(rel, field=f"components.{name}")
+        refuse_remote_code(config, rel)
+        return cls.from_config(config)
+    if component.kind == "tokenizer":
+        return cls.from_pretrained(_verified_copies(listed, name, scratch), local_files_only=True)
     with phase("rebuild"):
-        model = build_skeleton(folder, record)
+        rel = f"{name}/config.json"
+        config = listed.read_json(rel, field=f"components.{name}")
+        refuse_remote_code(config, rel)
+        try:
+            model = skeleton_from_config(cls, component.library, config, component.fused_qkv)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise ArtifactError(f"{rel}: {cls.__name__} cannot be built from this config "
+                                f"({type(exc).__name__}: {shorten(str(exc), 160)})", file=rel) from None
     with phase("read_weights"):
-        state_dict = load_component_state_dict(folder, WEIGHTS_FILE[record["library"]], rel_folder=name)
-        if record.get("fused_qkv"):
+        files = weight_files(listed, name, component.library)
+        state_dict = load_files_state_dict(files)
+        if component.fused_qkv:
             state_dict = join_fused(state_dict, model)
-    model = assign_weights(model, state_dict, f"{name}/{WEIGHTS_FILE[record['library']]}")
+    model = assign_weights(model, state_dict, files[0][0])
     del state_dict
-    if dtype is not None and not record.get("quantization"):
+    if dtype is not None and not component.quantization:
         model.to(dtype)
     return model
 
@@ -168,7 +281,11 @@ def load(
         progress: show progress bars during warm-up and generation.
 
     Returns:
-        The pipeline; ``pipe.smash`` is a :class:`LoadInfo` with the manifest and phase timings.
+        The pipeline; ``pipe.smash`` is a :class:`LoadInfo` with the artifact record and phase timings.
+
+    Raises:
+        ArtifactError: the artifact is malformed, tampered with, or reaches outside itself
+            (see docs/trust.md for what is checked); nothing of it has been run.
 
     Example:
         >>> import smash_runtime, torch
@@ -180,31 +297,34 @@ def load(
     phase = _Phases(timings)
     with phase("resolve"):
         root = resolve_artifact(path_or_repo_id)
-    manifest = read_manifest(root)
-    with phase("verify"):
-        verify_files(root, manifest, mode=verify)
+    # Everything about the record is checked before any other file of the artifact is opened.
+    record = read_record(root)
+    classes = {name: component_class(name, component) for name, component in sorted(record.components.items())}
     device = device or default_device()
-    check_device_support(manifest, device)
+    check_device_support(record, device)
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise SettingsError("dtype", dtype, f"one of {sorted(_DTYPES)}")
         dtype = _DTYPES[dtype]
-
-    pipeline_cls = resolve_class("diffusers", manifest["pipeline_class"])
-    components = {
-        name: _load_component(root, name, record, dtype, phase)
-        for name, record in sorted(manifest["components"].items())
-    }
+    with phase("verify"):
+        listed = verify_files(root, record, mode=verify)
+    index = listed.read_json("model_index.json", field="pipeline_class")
+    pipeline_cls = pipeline_class(record, index)
+    with tempfile.TemporaryDirectory(prefix="smash-verified-") as scratch:
+        components = {
+            name: _load_component(listed, name, component, classes[name], dtype, phase, Path(scratch))
+            for name, component in sorted(record.components.items())
+        }
     with phase("assemble"):
-        pipe = pipeline_cls(**components, **_pipeline_options(root, pipeline_cls, components))
+        pipe = pipeline_cls(**components, **_pipeline_options(index, pipeline_cls, components))
     with phase("to_device"):
         pipe.to(device)
     pipe.set_progress_bar_config(disable=not progress)
 
-    runtime = manifest.get("runtime") or {}
-    compiler_settings = runtime.get("compiler") if compiler is True else (compiler or None)
-    cacher_settings = runtime.get("cacher") if cacher is True else (cacher or None)
-    info = LoadInfo(root=root, manifest=manifest, device=device, timings=timings)
+    runtime = record.runtime_settings
+    compiler_settings = runtime.compiler if compiler is True else (compiler or None)
+    cacher_settings = runtime.cacher if cacher is True else (cacher or None)
+    info = LoadInfo(root=root, record=record, device=device, timings=timings)
     pipe.smash = info
     if compiler_settings:
         from .compilers import (
@@ -232,18 +352,17 @@ def load(
         from .compilers import warm_up, warmup_config_from_dict
 
         with phase("warmup"):
-            warm_up(pipe, warmup_config_from_dict(runtime.get("warmup") or {}), progress=progress)
+            warm_up(pipe, warmup_config_from_dict(runtime.warmup or {}), progress=progress)
     logger.info("loaded %s on %s: %s", root, device, json.dumps({k: round(v, 3) for k, v in timings.items()}))
     return pipe
 
 
-def _pipeline_options(root: Path, pipeline_cls: type, components: dict[str, Any]) -> dict[str, Any]:
+def _pipeline_options(index: dict[str, Any], pipeline_cls: type, components: dict[str, Any]) -> dict[str, Any]:
     """Non-component settings of the pipeline (e.g. SDXL's force_zeros_for_empty_prompt)."""
     import inspect
 
-    config = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
     accepted = inspect.signature(pipeline_cls.__init__).parameters
     return {
-        key: value for key, value in config.items()
+        key: value for key, value in index.items()
         if key in accepted and key not in components and not isinstance(value, list)
     }

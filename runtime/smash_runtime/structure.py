@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ArtifactError
+from .errors import ArtifactError, shorten
 from .fused_layout import record_parts
 
 # Only these libraries may be named in an artifact: a record never makes us import arbitrary code.
@@ -91,16 +91,17 @@ def drop_unfused_projections(module: nn.Module) -> int:
     return fused
 
 
-def resolve_class(library: str, class_name: str) -> type:
+def resolve_class(library: str, class_name: str, field: str | None = None) -> type:
+    """The class ``class_name`` exported by ``library`` (diffusers or transformers only)."""
     if library not in LIBRARIES:
-        raise ArtifactError(f"component library {library!r} is not one of {LIBRARIES}", file="smash.json")
+        raise ArtifactError(f"component library {shorten(library)} is not one of {LIBRARIES}", file="smash.json", field=field)
     module = importlib.import_module(library)
-    cls = getattr(module, class_name, None)
-    if cls is None:
+    cls = getattr(module, class_name, None) if isinstance(class_name, str) else None
+    if not isinstance(cls, type):
         raise ArtifactError(
-            f"{library} {getattr(module, '__version__', '?')} has no class {class_name!r}; "
-            "install the library version recorded in smash.json 'versions'",
-            file="smash.json",
+            f"smash.json: {field or 'class'}: {library} {getattr(module, '__version__', '?')} has no class "
+            f"{shorten(class_name)}; install the library version recorded in smash.json 'versions'",
+            file="smash.json", field=field,
         )
     return cls
 
@@ -108,17 +109,26 @@ def resolve_class(library: str, class_name: str) -> type:
 def build_skeleton(folder: Path, record: dict[str, Any]) -> nn.Module:
     """The component's module tree with meta parameters, fused like the stored weights."""
     cls = resolve_class(record["library"], record["class"])
+    if record["library"] == "diffusers":
+        config = cls.load_config(folder)
+    else:
+        config = cls.config_class.from_pretrained(folder)
+    return skeleton_from_config(cls, record["library"], config, bool(record.get("fused_qkv")))
+
+
+def skeleton_from_config(cls: type, library: str, config: Any, fused_qkv: bool) -> nn.Module:
+    """``build_skeleton`` from a config already read (the loader reads only verified files):
+    a dict, or for transformers also a config object."""
     with empty_weights():
-        if record["library"] == "diffusers":
-            model = cls.from_config(cls.load_config(folder))
+        if library == "diffusers":
+            model = cls.from_config(config)
         else:
-            config = cls.config_class.from_pretrained(folder)
-            model = cls(config)
+            model = cls(cls.config_class.from_dict(config) if isinstance(config, dict) else config)
     if hasattr(model, "tie_weights"):
         # transformers ties embeddings when loading weights, not in __init__; tie now so
         # that tied parameters are one object, as in a model loaded the usual way.
         model.tie_weights()
-    if record.get("fused_qkv"):
+    if fused_qkv:
         fuse_qkv(model)
     return model
 
@@ -131,15 +141,36 @@ def assign_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], rel: s
     if missing or unexpected:
         raise ArtifactError(
             f"{rel}: weights do not match the component's structure "
-            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})",
+            f"(missing {shorten(missing[:3])}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {shorten(unexpected[:3])}{'...' if len(unexpected) > 3 else ''})",
             file=rel,
         )
+    _check_shapes(model, state_dict, rel)
     model.load_state_dict(state_dict, assign=True, strict=True)
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta:
         raise ArtifactError(f"{rel}: no stored weights for {still_meta[:3]}", file=rel)
     return model.eval().requires_grad_(False)
+
+
+def _dtype_family(dtype: torch.dtype) -> str:
+    return "float" if dtype.is_floating_point else "bool" if dtype == torch.bool else "complex" if dtype.is_complex else "int"
+
+
+def _check_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], rel: str) -> None:
+    """Every stored tensor has the skeleton's shape and a dtype of the same family.
+
+    Checked before assignment, so a tampered header is the project's error, not a torch
+    ``size mismatch`` deep inside ``load_state_dict``.
+    """
+    for name, expected in model.state_dict().items():
+        stored = state_dict[name]
+        if tuple(stored.shape) != tuple(expected.shape):
+            raise ArtifactError(f"{rel}: tensor {shorten(name)} has shape {list(stored.shape)}, the component's "
+                                f"structure needs {list(expected.shape)}", file=rel, field=name)
+        if _dtype_family(stored.dtype) != _dtype_family(expected.dtype):
+            raise ArtifactError(f"{rel}: tensor {shorten(name)} is stored as {stored.dtype}, the component's "
+                                f"structure needs a {expected.dtype}-like tensor", file=rel, field=name)
 
 
 def _has_module_list(module: nn.Module) -> bool:

@@ -260,7 +260,14 @@ def _read_file(path: Path, rel: str | None) -> tuple[dict[str, torch.Tensor], di
         tensors, leftover = unflatten_tensor_state_dict(tensors, ao_meta)
         if leftover:
             raise ArtifactError(f"{name}: tensors {sorted(leftover)[:5]} belong to no recorded weight", file=rel)
-    return tensors, json.loads(metadata.get(ALIASES_KEY, "{}"))
+    aliases = metadata.get(ALIASES_KEY, "{}")
+    try:
+        aliases = json.loads(aliases) if len(aliases) < (1 << 24) else None
+    except (json.JSONDecodeError, RecursionError):
+        aliases = None
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise ArtifactError(f"{name}: metadata {ALIASES_KEY} is not a table of stored tensor names", file=rel)
+    return tensors, aliases
 
 
 def load_state_dict(path: str | os.PathLike, *, rel: str | None = None) -> dict[str, torch.Tensor]:
@@ -276,14 +283,22 @@ def load_state_dict(path: str | os.PathLike, *, rel: str | None = None) -> dict[
 
 def load_component_state_dict(folder: str | os.PathLike, weights_name: str, *, rel_folder: str | None = None) -> dict[str, torch.Tensor]:
     """Read a component's weights, one file or all its shards, one tensor at a time."""
+    return load_files_state_dict(
+        [(f"{rel_folder}/{path.name}" if rel_folder else None, path) for path in stored_weight_files(folder, weights_name)])
+
+
+def load_files_state_dict(files: list[tuple[str | None, Path]]) -> dict[str, torch.Tensor]:
+    """Read the given shard files ``(name in the artifact, path)`` of one component, rebuilding
+    torchao tensors and aliases; the loader passes only files it has checked."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    for path in stored_weight_files(folder, weights_name):
-        rel = f"{rel_folder}/{path.name}" if rel_folder else None
+    for rel, path in files:
         part, part_aliases = _read_file(path, rel)
         tensors.update(part)
         aliases.update(part_aliases)
     for alias, target in aliases.items():
+        if target not in tensors:
+            raise ArtifactError(f"{files[0][0]}: alias {alias!r} points at {target!r}, which no shard stores", file=files[0][0])
         tensors[alias] = tensors[target]
     return tensors
 

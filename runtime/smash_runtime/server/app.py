@@ -5,8 +5,8 @@ when the app starts, so ``/health`` answers immediately and ``/ready`` turns 200
 the server can generate.
 
     >>> import smash_runtime, uvicorn
-    >>> from smash_runtime.format import read_manifest
-    >>> app = create_app(lambda: (smash_runtime.load("dist/tiny-flux"), read_manifest("dist/tiny-flux")),
+    >>> from smash_runtime.format import read_record
+    >>> app = create_app(lambda: (smash_runtime.load("dist/tiny-flux"), read_record("dist/tiny-flux").to_dict()),
     ...                  ServerSettings(max_queue=4))
     >>> uvicorn.run(app, host="127.0.0.1", port=8000)
 """

@@ -152,13 +152,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if not args.verbose:
         quiet_third_party_logs()
-    from ..format import read_manifest
+    from ..format import read_record
     from ..loader import load, resolve_artifact
     from .app import create_app, warmup_shapes
 
     try:
         root = resolve_artifact(args.artifact)
-        manifest = read_manifest(root)
+        manifest = read_record(root).to_dict()
         settings.check_warmup(warmup_shapes(manifest))  # the pipeline's own size multiple is checked after loading
     except SmashError as exc:
         sock.close()
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pipe = load(root, device=args.device, verify=args.verify, cacher=not args.no_cacher,
                     compiler=not args.no_compile,
                     compile_cache=False if args.no_compile_cache else (args.compile_cache or True))
-        return pipe, pipe.smash.manifest
+        return pipe, pipe.smash.record.to_dict()
 
     fatal: list[BaseException] = []
 

@@ -58,15 +58,15 @@ def serve_on_ray(args: argparse.Namespace, settings: ServerSettings) -> int:
     started = time.perf_counter()
     try:
         require_ray()
-        from ..format import read_manifest
+        from ..format import read_record
         from ..loader import resolve_artifact
 
         from .app import warmup_shapes
 
         root = resolve_artifact(args.artifact)
-        manifest = read_manifest(root)
-        settings.check_warmup(warmup_shapes(manifest))  # as plain smash-serve does, before any replica starts
-        recorded = ((manifest.get("runtime") or {}).get("serve")) or {}
+        record = read_record(root)
+        settings.check_warmup(warmup_shapes(record.to_dict()))  # as plain smash-serve does, before any replica starts
+        recorded = record.runtime_settings.serve or {}
         scaling = serve_settings_from_dict(scaling_overrides(args), base=serve_settings_from_dict(recorded))
     except SmashError as exc:
         logger.error("cannot start", extra={"fields": {"error": str(exc)}})

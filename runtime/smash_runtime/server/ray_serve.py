@@ -82,7 +82,7 @@ class SmashReplica:
         self.state = None
 
     def __serve_build_asgi_app__(self):
-        from ..format import read_manifest
+        from ..format import read_record
         from ..loader import load, resolve_artifact
         from .app import create_app
 
@@ -92,9 +92,9 @@ class SmashReplica:
         def load_pipeline():
             pipe = load(root, device=options.device, verify=options.verify, cacher=options.cacher,
                         compiler=options.compiler, compile_cache=options.compile_cache)
-            return pipe, pipe.smash.manifest
+            return pipe, pipe.smash.record.to_dict()
 
-        app = create_app(load_pipeline, options.server_settings(), manifest=read_manifest(root))
+        app = create_app(load_pipeline, options.server_settings(), manifest=read_record(root).to_dict())
         self.state = app.state.smash
         app.add_middleware(_ReadyBeforeTraffic, state=self.state, replica_id=self.replica_id)
         return app
@@ -285,11 +285,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
 def recorded_scaling(artifact: str) -> dict[str, Any]:
     """``runtime.serve`` of the artifact's smash.json ({} when none is recorded)."""
-    from ..format import read_manifest
+    from ..format import read_record
     from ..loader import resolve_artifact
 
-    manifest = read_manifest(resolve_artifact(artifact))
-    return dict(((manifest.get("runtime") or {}).get("serve")) or {})
+    return dict(read_record(resolve_artifact(artifact)).runtime_settings.serve or {})
 
 
 def deployment_state(app_name: str = APP_NAME) -> dict[str, Any]:
