@@ -112,7 +112,7 @@ def _artifact_json(art) -> dict:
     """What a script needs about a written artifact: where, which (sha256 of smash.json), how big."""
     record = (Path(art.path) / "smash.json").read_bytes()
     return {"path": str(Path(art.path).resolve()), "smash_json_sha256": hashlib.sha256(record).hexdigest(),
-            "size_bytes": art.size + len(record), "files": len(art.manifest["files"]) + 1}  # smash.json counted
+            "size_bytes": art.size + len(record), "files": len(art.record.files) + 1}  # smash.json counted
 
 
 def _publish_json(result) -> dict:
