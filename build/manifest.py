@@ -36,10 +36,8 @@ pipeline family x compiler, compile cache without a compiler).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import fnmatch
 import json
-import math
 import os
 import re
 import sys
@@ -53,7 +51,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 only
     import tomli as tomllib
 
-from smash_runtime.errors import SettingsError, SmashError, did_you_mean
+from smash_runtime.errors import SettingsError, SmashError, did_you_mean, shown
+from smash_runtime import settings as runtime_settings
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -62,7 +61,6 @@ __all__ = [
     "MANIFEST_VERSION",
     "QUANTIZE_METHODS",
     "BuildSpec",
-    "LoraSpec",
     "Manifest",
     "ManifestError",
     "ModelSpec",
@@ -76,6 +74,11 @@ __all__ = [
 ]
 
 MANIFEST_VERSION = 1
+
+# Bounds checked before the TOML parser runs: its recursion and memory grow with them.
+MAX_MANIFEST_BYTES = 8 * 1024 * 1024
+MAX_NESTING = 32
+MAX_STRING_CHARS = 4096
 
 # Kept here rather than imported from tiny_models so validating a manifest never imports
 # torch/diffusers; a test checks that both lists agree.
@@ -111,11 +114,10 @@ _NOT_MODULES = ("Tokenizer", "Scheduler", "FeatureExtractor", "ImageProcessor", 
 # Every key each table accepts, in the order the docs list them. Also used for "this key
 # belongs in [other section]" hints.
 _SECTION_KEYS: dict[str, tuple[str, ...]] = {
-    "": ("manifest_version", "model", "build", "runtime", "serve", "output", "evaluate", "publish"),
+    "": ("manifest_version", "model", "build", "runtime", "output", "evaluate", "publish"),
     "model": ("source", "revision", "dtype", "components"),
-    "build": ("fuse_qkv", "quantize", "streaming", "lora"),
+    "build": ("fuse_qkv", "quantize", "streaming"),
     "build.quantize": ("method", "exclude"),
-    "build.lora": ("source", "weight_name", "scale", "revision"),
     "runtime": ("cacher", "compiler", "warmup"),
     "output": ("dir",),
     "evaluate": (),  # the evaluation's own settings fields, see _section_keys
@@ -224,32 +226,8 @@ class QuantizeSpec:
 
 
 @dataclass(frozen=True)
-class LoraSpec:
-    """One ``[build] lora`` entry: a LoRA fused into the weights before QKV fusion and quantization.
-
-    ``source`` is kept as written (it is what smash.json records); ``file`` is the resolved local
-    ``.safetensors`` file, None for a Hub source (downloaded at build time, ``revision`` pinned
-    to a commit then). ``weight_name`` is the file's name inside the folder or Hub repo::
-
-        lora = [{ source = "loras/style.safetensors", scale = 0.8 },
-                { source = "org/flux-lora", weight_name = "lora.safetensors", revision = "v1" }]
-    """
-
-    source: str
-    weight_name: str
-    scale: float = 1.0
-    revision: str | None = None
-    file: Path | None = None
-
-    @property
-    def kind(self) -> str:
-        """``"local"`` or ``"hub"``."""
-        return "local" if self.file is not None else "hub"
-
-
-@dataclass(frozen=True)
 class BuildSpec:
-    """``[build]``: transforms baked into the weights, in the order LoRA, fuse, then quantize.
+    """``[build]``: transforms baked into the weights, in the order fuse, then quantize.
 
     ``streaming`` None means: the builder decides from the component's size.
     """
@@ -257,7 +235,6 @@ class BuildSpec:
     fuse_qkv: bool = False
     quantize: QuantizeSpec | None = None
     streaming: bool | None = None
-    lora: tuple[LoraSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -293,7 +270,6 @@ class Manifest:
     publish_hub: dict | None
     publish_image: dict | None
     raw: dict
-    serve: dict | None = None  # [serve]: scaling on Ray Serve (smash_runtime.server.scaling), recorded as runtime.serve
 
 
 # --------------------------------------------------------------------------- public API
@@ -330,6 +306,9 @@ def parse_manifest(
     path: Path | None = None,
 ) -> Manifest:
     """Validate the manifest ``text``; relative paths in it are resolved against ``base_dir``."""
+    too_big = _shape_problem(text)
+    if too_big:
+        raise ManifestError([("", too_big)], origin)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -341,6 +320,32 @@ def parse_manifest(
     if problems or manifest is None:
         raise ManifestError(problems.items, origin)
     return manifest
+
+
+# Strings and comments, whose brackets do not nest anything.
+_NOT_STRUCTURE = re.compile(r'''"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|'[^'\n]*'|#[^\n]*''')
+
+
+def _shape_problem(text: str) -> str | None:
+    """Why ``text`` is too large or too deeply nested to hand to the TOML parser, or None."""
+    if len(text) > MAX_MANIFEST_BYTES:
+        return (f"the manifest is {len(text)} characters long; at most {MAX_MANIFEST_BYTES} are read "
+                "(a manifest is a few settings: move data such as prompt lists into files)")
+    depth = deepest = 0
+    structure = _NOT_STRUCTURE.sub("", text)
+    for char in structure:
+        if char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_NESTING:
+                    return (f"the manifest nests arrays or inline tables more than {MAX_NESTING} levels deep; "
+                            "no setting needs more than a few")
+        elif char in "]}":
+            depth -= 1
+    if max((len(line.split("=", 1)[0].split(".")) for line in structure.splitlines()), default=0) > MAX_NESTING:
+        return f"the manifest has a dotted key of more than {MAX_NESTING} parts; no setting is that deep"
+    return None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -478,6 +483,9 @@ def _str(p: _Problems, key: str, value: object, what: str = "a string") -> str |
     if not value.strip():
         p.bad(key, value, f"must be {what}, not empty")
         return None
+    if len(value) > MAX_STRING_CHARS:
+        p.bad(key, value, f"must be {what} of at most {MAX_STRING_CHARS} characters")
+        return None
     return value
 
 
@@ -611,7 +619,7 @@ def _validate(raw: dict, base: Path, p: _Problems, path: Path | None, stem: str 
         model_table = _table(p, "model", raw["model"])
         if model_table is not None:
             model, family = _model(p, model_table, base)
-    build = _build(p, _table(p, "build", raw.get("build", {})) or {}, base)
+    build = _build(p, _table(p, "build", raw.get("build", {})) or {})
     runtime = _runtime(p, raw.get("runtime", {}), family)
     output = _output(p, _table(p, "output", raw.get("output", {})) or {}, base, stem, model)
 
@@ -631,12 +639,10 @@ def _validate(raw: dict, base: Path, p: _Problems, path: Path | None, stem: str 
                 table = _table(p, "publish.image", publish["image"])
                 publish_image = _publish_image(p, table, runtime) if table is not None else None
 
-    serve = _serve(p, raw["serve"]) if "serve" in raw else None
-
     if p or model is None or build is None or runtime is None or output is None:
         return None
     return Manifest(path=path, model=model, build=build, runtime=runtime, output=output,
-                    evaluate=evaluate, publish_hub=publish_hub, publish_image=publish_image, raw=raw, serve=serve)
+                    evaluate=evaluate, publish_hub=publish_hub, publish_image=publish_image, raw=raw)
 
 
 def _model(p: _Problems, t: dict, base: Path):
@@ -663,7 +669,7 @@ def _model(p: _Problems, t: dict, base: Path):
             ok = kind is not None
             if at_revision is not None:
                 if revision is not None:
-                    p.bad("model.revision", revision, f"conflicts with the revision {at_revision!r} given in "
+                    p.bad("model.revision", revision, f"conflicts with the revision {shown(at_revision)} given in "
                                                       f"model.source; give it in one place")
                     ok = False
                 revision = at_revision
@@ -740,7 +746,9 @@ def _source(p: _Problems, text: str, base: Path):
 
     folder = Path(os.path.expanduser(text))
     folder = folder if folder.is_absolute() else base / folder
-    if folder.exists() or _looks_local(text):
+    looks_local = (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+                   or (text.count("/") == 0 and "@" not in text))
+    if folder.exists() or looks_local:
         return _local_source(p, text, folder)
 
     repo, _, at_revision = text.partition("@")
@@ -754,40 +762,34 @@ def _source(p: _Problems, text: str, base: Path):
     return "hub", repo, None, at_revision or None
 
 
-def _looks_local(text: str) -> bool:
-    """Whether a source that does not exist was meant as a path rather than a Hub id ``org/name``."""
-    return (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
-            or (text.count("/") == 0 and "@" not in text))
-
-
 def _local_source(p: _Problems, text: str, folder: Path):
     key = "model.source"
-    shown = f"{text} (resolved to {folder})" if str(folder) != text else text
+    where = f"{text} (resolved to {folder})" if str(folder) != text else text
     if not folder.exists():
-        p.add(key, f"{key} = {text!r}: no such local folder ({folder}); a local source is a diffusers "
+        p.add(key, f"{key} = {shown(text)}: no such local folder ({folder}); a local source is a diffusers "
                    "pipeline folder (relative paths are relative to the manifest's folder)")
         return None, None, None, None
     if not folder.is_dir():
-        p.add(key, f"{key} = {text!r}: {shown} is a file; a local source is a diffusers pipeline folder")
+        p.add(key, f"{key} = {shown(text)}: {where} is a file; a local source is a diffusers pipeline folder")
         return None, None, None, None
     if not os.access(folder, os.R_OK | os.X_OK):
-        p.add(key, f"{key} = {text!r}: the folder {folder} is not readable")
+        p.add(key, f"{key} = {shown(text)}: the folder {folder} is not readable")
         return None, None, None, None
     index = folder / "model_index.json"
     if not index.exists():
-        p.add(key, f"{key} = {text!r}: {folder} has no model_index.json, so it is not a diffusers pipeline "
+        p.add(key, f"{key} = {shown(text)}: {folder} has no model_index.json, so it is not a diffusers pipeline "
                    "folder (save one with pipe.save_pretrained(folder))")
         return None, None, None, None
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
-        p.add(key, f"{key} = {text!r}: cannot read {index}: {getattr(e, 'strerror', None) or e}")
+        p.add(key, f"{key} = {shown(text)}: cannot read {index}: {getattr(e, 'strerror', None) or e}")
         return None, None, None, None
     except json.JSONDecodeError as e:
-        p.add(key, f"{key} = {text!r}: {index} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})")
+        p.add(key, f"{key} = {shown(text)}: {index} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})")
         return None, None, None, None
     if not isinstance(data, dict) or not isinstance(data.get("_class_name"), str):
-        p.add(key, f"{key} = {text!r}: {index} has no \"_class_name\"; it is not a diffusers model_index.json")
+        p.add(key, f"{key} = {shown(text)}: {index} has no \"_class_name\"; it is not a diffusers model_index.json")
         return None, None, None, None
     transformable = tuple(
         name for name, entry in data.items()
@@ -797,7 +799,7 @@ def _local_source(p: _Problems, text: str, folder: Path):
     return "local", str(folder.resolve()), transformable, None
 
 
-def _build(p: _Problems, t: dict, base: Path) -> BuildSpec | None:
+def _build(p: _Problems, t: dict) -> BuildSpec | None:
     ok = True
     fuse = False
     if "fuse_qkv" in t:
@@ -830,107 +832,7 @@ def _build(p: _Problems, t: dict, base: Path) -> BuildSpec | None:
             p.bad("build.quantize", value, "must be a method name (\"int8wo\"), \"none\" or a table "
                                            "{ method = ..., exclude = [...] }, got " + _type_name(value))
             ok = False
-
-    lora: tuple[LoraSpec, ...] | None = ()
-    if "lora" in t:
-        lora = _loras(p, t["lora"], base)
-        ok &= lora is not None
-        if lora and streaming:
-            p.bad("build.streaming", True, "cannot be combined with build.lora: the streaming build does not "
-                                           "fuse LoRAs", "set build.streaming = false or leave it out")
-            ok = False
-    return BuildSpec(fuse_qkv=fuse, quantize=quantize, streaming=streaming, lora=lora or ()) if ok else None
-
-
-# diffusers' own default file name for a LoRA in a folder or Hub repo (load_lora_weights).
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-_LORA_FORM = "{ source = \"file, folder or org/name\", weight_name = \"...\", scale = 1.0 }"
-
-
-def _loras(p: _Problems, value: object, base: Path) -> tuple[LoraSpec, ...] | None:
-    """``[build] lora``: a list of LoRA tables (a single table is taken as a list of one)."""
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list):
-        p.bad("build.lora", value, f"must be a list of tables [{_LORA_FORM}, ...], got {_type_name(value)}")
-        return None
-    start = len(p.items)
-    specs = [_lora(p, f"build.lora[{i}]", entry, base) for i, entry in enumerate(value)]
-    return tuple(s for s in specs if s is not None) if len(p.items) == start else None
-
-
-def _lora(p: _Problems, key: str, t: object, base: Path) -> LoraSpec | None:
-    if not isinstance(t, dict):
-        p.bad(key, t, f"must be a table {_LORA_FORM}, got {_type_name(t)}")
-        return None
-    start = len(p.items)
-    allowed = _SECTION_KEYS["build.lora"]
-    for name in t:
-        if name not in allowed:
-            hint = did_you_mean(name, allowed)
-            p.add(f"{key}.{name}", f"{key}.{name}: unknown key in a LoRA table; allowed keys: {', '.join(allowed)}"
-                  + (f" ({hint})" if hint else ""))
-    scale = 1.0
-    if "scale" in t:
-        value = t["scale"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            p.bad(f"{key}.scale", value, "must be a finite number: the LoRA's strength (1.0 = as trained)")
-        else:
-            scale = float(value)
-    weight_name = None
-    if "weight_name" in t:
-        weight_name = _str(p, f"{key}.weight_name", t["weight_name"], "a .safetensors file name")
-        if weight_name is not None and (not weight_name.endswith(".safetensors") or weight_name.startswith("/")
-                                        or ".." in weight_name.split("/")):
-            p.bad(f"{key}.weight_name", weight_name, "must be a relative .safetensors file name inside the "
-                                                     "folder or Hub repo (LoRAs load from safetensors only)")
-            weight_name = None
-    if "source" not in t:
-        p.add(f"{key}.source", f"{key}.source is missing: a .safetensors file, a folder holding one, "
-                               "or a Hub repo id \"org/name\"")
-        return None
-    source = _str(p, f"{key}.source", t["source"], "a .safetensors file, a folder or a Hub repo id \"org/name\"")
-    if source is None:
-        return None
-    path = _resolve(base, source)
-    file = revision = None
-    if path.is_file():
-        if weight_name is not None and weight_name != path.name:
-            p.bad(f"{key}.weight_name", weight_name, f"applies to folder and Hub sources; {source!r} is a file",
-                  "remove weight_name")
-        if path.suffix != ".safetensors":
-            p.bad(f"{key}.source", source, "must be a .safetensors file (LoRAs load from safetensors only, "
-                                           "never from pickled .bin/.pt files)")
-        file, weight_name = path, path.name
-    elif path.is_dir():
-        weight_name = weight_name or LORA_WEIGHT_NAME
-        file = path / weight_name
-        if not file.is_file():
-            found = sorted(f.relative_to(path).as_posix() for f in path.rglob("*.safetensors"))[:10]
-            p.bad(f"{key}.weight_name", weight_name, f"no such file in {path}; it holds "
-                  + (", ".join(found) if found else "no .safetensors files"),
-                  "set weight_name to the LoRA's file name" if found else None)
-    elif "://" in source or source.startswith(("huggingface.co/", "hf.co/")):
-        parts = source.split("://")[-1].strip("/").split("/")
-        p.bad(f"{key}.source", source, "must be a Hub repo id \"org/name\", not a URL",
-              f"give the id only, e.g. {parts[-2]}/{parts[-1]}" if len(parts) >= 3 else None)
-    elif _looks_local(source) or source.endswith(".safetensors"):
-        p.add(f"{key}.source", f"{key}.source = {source!r}: no such file or folder ({path}); a local LoRA is a "
-                               ".safetensors file or a folder holding one (relative to the manifest's folder)")
-    else:
-        repo, _, at = source.partition("@")
-        if _repo_id(p, f"{key}.source", repo, "a Hub repo id \"org/name\" (or an existing local file)") is not None:
-            if at and "revision" in t:
-                p.bad(f"{key}.revision", t["revision"], f"conflicts with the revision {at!r} given in the source; "
-                                                        "give it in one place")
-            revision = _revision(p, f"{key}.source" if at else f"{key}.revision", at or t.get("revision", "main"))
-            source, weight_name = repo, weight_name or LORA_WEIGHT_NAME
-    if "revision" in t and file is not None:
-        p.bad(f"{key}.revision", t["revision"], "applies to Hub sources only", "remove it")
-    if len(p.items) > start or weight_name is None:
-        return None
-    return LoraSpec(source=source if file is None else str(t["source"]), weight_name=weight_name, scale=scale,
-                    revision=revision, file=file)
+    return BuildSpec(fuse_qkv=fuse, quantize=quantize, streaming=streaming) if ok else None
 
 
 def _quantize(p: _Problems, t: dict) -> QuantizeSpec | None:
@@ -1035,10 +937,8 @@ def _check_cacher_fits(p: _Problems, cacher: dict, compiler: dict | None, family
 
     Hub sources are checked by the builder once their model_index.json is downloaded.
     """
-    from smash_runtime.cachers import cacher_config_from_dict, check_cacher_compatibility
-
     try:
-        check_cacher_compatibility(cacher_config_from_dict(cacher), family, compiler)
+        runtime_settings.check_cacher_compatibility(runtime_settings.cacher_from_dict(cacher), family, compiler)
     except SettingsError as e:
         _settings_problems(p, e, "runtime.cacher")
         return False
@@ -1046,7 +946,7 @@ def _check_cacher_fits(p: _Problems, cacher: dict, compiler: dict | None, family
 
 
 def _runtime_part(p: _Problems, key: str, value: object, module: str) -> dict | None | bool:
-    """Normalize [runtime.cacher] / [runtime.compiler] through the runtime's own parser.
+    """Normalize [runtime.cacher] / [runtime.compiler] through the runtime's settings models.
 
     Returns the normalized dict, None when disabled, False on a problem.
     """
@@ -1063,10 +963,9 @@ def _runtime_part(p: _Problems, key: str, value: object, module: str) -> dict | 
             p.bad(f"{key}.name", "none", "takes no other keys")
             return False
         return None
-    mod = _runtime_module(module)
-    parse = mod.cacher_config_from_dict if module == "cachers" else mod.compiler_config_from_dict
+    parse = runtime_settings.cacher_from_dict if module == "cachers" else runtime_settings.compiler_from_dict
     try:
-        return dict(mod.config_to_dict(parse(dict(value))))
+        return runtime_settings.settings_to_dict(parse(value))
     except SettingsError as e:
         _settings_problems(p, e, key)
         return False
@@ -1077,40 +976,17 @@ def _warmup(p: _Problems, value: object) -> dict | None:
         p.bad("runtime.warmup", value, "must be a table [runtime.warmup] with shapes = [{ height, width, "
                                        f"steps, batch }}, ...], got {_type_name(value)}")
         return None
-    mod = _runtime_module("compilers")
     try:
-        return dict(mod.config_to_dict(mod.warmup_config_from_dict(dict(value))))
+        return runtime_settings.settings_to_dict(runtime_settings.warmup_from_dict(value))
     except SettingsError as e:
         _settings_problems(p, e, "runtime.warmup")
         return None
 
 
-def _serve(p: _Problems, value: object) -> dict | None:
-    """[serve] through the runtime's own model; the normalized dict (defaults filled)."""
-    if not isinstance(value, dict):
-        p.bad("serve", value, f"must be a table [serve] with replicas = N or min_replicas/max_replicas, "
-                              f"got {_type_name(value)}")
-        return None
-    from smash_runtime.server.scaling import serve_settings_from_dict
-
-    try:
-        return serve_settings_from_dict(value).record()
-    except SettingsError as e:
-        _settings_problems(p, e, "serve")
-        return None
-
-
 def _settings_problems(p: _Problems, error: SettingsError, prefix: str) -> None:
-    # A runtime parser may report several problems at once (a SettingsError carrying
-    # ``errors``); take them all.
+    # The settings models report every problem of a table (``errors``); list them all.
     for e in getattr(error, "errors", None) or [error]:
         p.settings(e.with_prefix(prefix))
-
-
-def _runtime_module(name: str):
-    import importlib
-
-    return importlib.import_module(f"smash_runtime.{name}")
 
 
 def _output(p: _Problems, t: dict, base: Path, stem: str | None, model: ModelSpec | None) -> OutputSpec | None:
@@ -1126,7 +1002,7 @@ def _output(p: _Problems, t: dict, base: Path, stem: str | None, model: ModelSpe
     folder = folder if folder.is_absolute() else base / folder
     folder = Path(os.path.normpath(folder))
     if folder.exists() and not folder.is_dir():
-        p.add("output.dir", f"output.dir = {str(t.get('dir', folder))!r}: {folder} exists and is a file; "
+        p.add("output.dir", f"output.dir = {shown(str(t.get('dir', folder)))}: {folder} exists and is a file; "
                             "the artifact is a folder")
         return None
     # The build writes a temporary folder beside the target and renames it: the nearest
@@ -1135,11 +1011,11 @@ def _output(p: _Problems, t: dict, base: Path, stem: str | None, model: ModelSpe
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        p.add("output.dir", f"output.dir = {str(t.get('dir', folder))!r}: {ancestor} is a file, so {folder} "
+        p.add("output.dir", f"output.dir = {shown(str(t.get('dir', folder)))}: {ancestor} is a file, so {folder} "
                             "cannot be created")
         return None
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        p.add("output.dir", f"output.dir = {str(t.get('dir', folder))!r}: {ancestor} is not writable")
+        p.add("output.dir", f"output.dir = {shown(str(t.get('dir', folder)))}: {ancestor} is not writable")
         return None
     return OutputSpec(dir=folder)
 
@@ -1281,6 +1157,7 @@ def manifest_json_schema() -> dict:
     """
     string = {"type": "string", "minLength": 1}
     boolean = {"type": "boolean"}
+    defs: dict[str, Any] = {}
 
     def table(props: dict, required: tuple[str, ...] = (), description: str | None = None) -> dict:
         schema: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": False}
@@ -1315,22 +1192,9 @@ def manifest_json_schema() -> dict:
             "quantize": {"anyOf": [{"enum": [*QUANTIZE_METHODS, "none"]}, quantize_table]},
             "streaming": {"anyOf": [boolean, {"const": "auto"}], "default": "auto",
                           "description": "build one block at a time with bounded memory; auto = by size"},
-            "lora": {"type": "array", "description": "LoRAs fused into the weights, in order, before QKV fusion",
-                     "items": table({
-                         "source": {**string, "description": "a .safetensors file, a folder (relative to this "
-                                                             "file) or a Hub repo id org/name[@revision]"},
-                         "weight_name": {"type": "string", "pattern": r"\.safetensors$",
-                                         "default": LORA_WEIGHT_NAME},
-                         "scale": {"type": "number", "default": 1.0},
-                         "revision": {**string, "default": "main", "description": "Hub sources only"},
-                     }, ("source",))},
-        }, description="transforms baked into the weights (LoRA, fuse, then quantize)"),
-        "runtime": table({
-            "cacher": _runtime_schema("cachers"),
-            "compiler": _runtime_schema("compilers"),
-            "warmup": _warmup_schema(),
-        }, description="recorded in smash.json and applied by the runtime at load"),
-        "serve": _runtime_module("server.scaling").serve_json_schema(),
+        }, description="transforms baked into the weights (fuse, then quantize)"),
+        "runtime": table(runtime_settings.runtime_json_schemas(defs),
+                         description="recorded in smash.json and applied by the runtime at load"),
         "output": table({
             "dir": {**string, "description": "artifact folder, relative to this file; default dist/<manifest name>"},
         }),
@@ -1350,6 +1214,7 @@ def manifest_json_schema() -> dict:
             }, ("tag",), "bake the artifact into a container image"),
         }),
     }, ("model",))
+    schema["$defs"] = defs
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://github.com/smash-build/smash-build/manifest.schema.json"
     schema["title"] = "smash-build manifest"
@@ -1394,56 +1259,3 @@ def _evaluate_schema(string: dict, boolean: dict) -> dict:
         props[key] = {}
     return {"type": "object", "properties": {k: props[k] for k in _evaluate_keys()}, "additionalProperties": False,
             "description": "compare the artifact with its base: speed, memory, fidelity"}
-
-
-def _runtime_schema(module: str) -> dict:
-    """Schema of [runtime.cacher] / [runtime.compiler]: one variant per registered config class.
-
-    The parameter rules stay with the runtime's parsers; the schema lists each config's
-    dataclass fields (for completion) with their types, defaults and docs.
-    """
-    if module == "cachers":
-        registry = _runtime_module("cachers").CACHERS
-        enums: dict[str, tuple] = {}
-    else:
-        config = _runtime_module("compilers.config")
-        registry = config.COMPILERS
-        enums = {"mode": config.TORCH_COMPILE_MODES, "scope": config.SCOPES}
-    names = sorted(registry)
-    variants = []
-    for name in names:
-        props: dict[str, Any] = {"name": {"const": name}}
-        for field in dataclasses.fields(registry[name]):
-            props[field.name] = _field_schema(field)
-            if field.name in enums:
-                props[field.name]["enum"] = list(enums[field.name])
-        variants.append({"type": "object", "properties": props, "required": ["name"],
-                         "additionalProperties": False})
-    return {"anyOf": [{"enum": names + ["none"]}, {"oneOf": variants}]}
-
-
-_JSON_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
-
-
-def _field_schema(field: dataclasses.Field) -> dict:
-    # The runtime's configs use `from __future__ import annotations`, so types are strings
-    # such as "int | None"; TOML has no null, so None just means "leave the key out".
-    parts = [t for t in str(field.type).replace(" ", "").split("|") if t != "None"]
-    schema: dict[str, Any] = {}
-    if len(parts) == 1 and parts[0] in _JSON_TYPES:
-        schema["type"] = _JSON_TYPES[parts[0]]
-    if field.default is not dataclasses.MISSING and isinstance(field.default, (int, float, str, bool)):
-        schema["default"] = field.default
-    if field.metadata.get("doc"):
-        schema["description"] = field.metadata["doc"]
-    return schema
-
-
-def _warmup_schema() -> dict:
-    side = {"type": "integer", "minimum": 16, "multipleOf": 16}
-    shape = {"type": "object", "properties": {
-        "height": side, "width": side,
-        "steps": {"type": "integer", "minimum": 1}, "batch": {"type": "integer", "minimum": 1, "default": 1},
-    }, "required": ["height", "width", "steps"], "additionalProperties": False}
-    return {"type": "object", "properties": {"shapes": {"type": "array", "items": shape}},
-            "additionalProperties": False, "description": "shapes compiled ahead when the runtime warms up"}
