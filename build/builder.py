@@ -91,11 +91,12 @@ def check_runtime_settings(manifest: Manifest, component_names) -> None:
     cacher = manifest.runtime.cacher
     if not cacher:
         return
-    from smash_runtime.cachers import cacher_config_from_dict, check_cacher_compatibility
+    from smash_runtime.anatomy import family_of
+    from smash_runtime.settings import cacher_from_dict, check_cacher_compatibility
 
-    family = "dit" if "transformer" in component_names else "unet"
+    family = family_of(component_names) or "unet"
     try:
-        check_cacher_compatibility(cacher_config_from_dict(cacher), family, manifest.runtime.compiler)
+        check_cacher_compatibility(cacher_from_dict(cacher), family, manifest.runtime.compiler)
     except SettingsError as exc:
         raise exc.with_prefix("runtime.cacher") from None
 

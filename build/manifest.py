@@ -53,6 +53,7 @@ else:  # pragma: no cover - Python 3.10 only
 
 from smash_runtime.errors import SettingsError, SmashError, did_you_mean, shown
 from smash_runtime import settings as runtime_settings
+from smash_runtime.anatomy import family_of
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -104,9 +105,6 @@ EXCLUDE_PRESETS: dict[str, tuple[str, ...]] = {
     "norm+embedding": ("*norm*", "*embed*"),
 }
 
-# Denoiser component -> pipeline family, for the cacher compatibility check (the runtime's
-# pipeline_family() decides the same way, but needs the pipeline class imported).
-_FAMILY_OF_DENOISER = {"transformer": "dit", "unet": "unet"}
 
 # Component classes that hold no weights and so cannot be transformed.
 _NOT_MODULES = ("Tokenizer", "Scheduler", "FeatureExtractor", "ImageProcessor", "Processor")
@@ -713,7 +711,7 @@ def _model(p: _Problems, t: dict, base: Path):
         ok &= items is not None
         components = tuple(items) if items is not None else None
 
-    family = next((_FAMILY_OF_DENOISER[c] for c in transformable or () if c in _FAMILY_OF_DENOISER), None)
+    family = family_of(transformable or ())
     if not ok or source is None or dtype is None:
         return None, family
     return ModelSpec(source=source, revision=revision, dtype=dtype, components=components), family
@@ -1064,9 +1062,9 @@ def _evaluate(p: _Problems, t: dict, base: Path) -> dict | None:
 
 
 def _evaluate_keys() -> tuple[str, ...]:
-    from .evaluate.settings import _FIELDS
+    from .evaluate.settings import EVALUATE_KEYS
 
-    return tuple(k for k in _FIELDS if k != "base_dir")  # base_dir is the manifest's folder, not a key
+    return EVALUATE_KEYS
 
 
 def _resolve(base: Path, text: str) -> Path:
@@ -1227,7 +1225,7 @@ def _portable_pattern(regex: re.Pattern) -> str:
 
 
 def _evaluate_schema(string: dict, boolean: dict) -> dict:
-    from .evaluate.metrics import METRICS
+    from .evaluate.settings import METRICS
     from .evaluate.prompts import BUILTIN, FILE_SUFFIXES
     from .evaluate.settings import DEVICES, EvalSettings
 

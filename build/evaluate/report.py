@@ -19,13 +19,16 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smash_runtime.format import read_manifest
 
 from ..exporters.artifact import refresh_file_table
 from ..model_card import render_model_card, results_table_markdown
-from .runner import EVAL_DIR, Evaluation
+from .settings import EVAL_DIR
+
+if TYPE_CHECKING:  # the runner calls write_report; importing it back would make a cycle
+    from .runner import Evaluation
 
 MIB = 1024 * 1024
 

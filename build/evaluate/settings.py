@@ -8,15 +8,28 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from smash_runtime.errors import SettingsError, did_you_mean
 
-from .metrics import DEFAULT_CLIP_MODEL, METRICS, check_metric_names
-
 DEVICES = ("auto", "cpu", "cuda", "mps")
+EVAL_DIR = "eval"
+"""The artifact's folder holding evaluation results, samples and plots."""
+WEIGHT_FREE = ("psnr", "ssim", "ms_ssim")
+LEARNED = ("lpips", "arniqa", "clip_score")
+METRICS = WEIGHT_FREE + LEARNED
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # torchmetrics' default CLIPScore model
+
+
+def check_metric_names(names: Sequence[str], key: str = "evaluate.metrics") -> tuple[str, ...]:
+    """Validate metric names (SettingsError naming the bad one), keeping their order."""
+    for name in names:
+        if name not in METRICS:
+            raise SettingsError(key, name, f"one of {', '.join(METRICS)}", did_you_mean(name, METRICS))
+    return tuple(dict.fromkeys(names))
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,8 @@ class EvalSettings:
 
 
 _FIELDS = [f.name for f in dataclasses.fields(EvalSettings)]
+EVALUATE_KEYS = tuple(k for k in _FIELDS if k != "base_dir")
+"""The keys of the manifest's ``[evaluate]`` table (``base_dir`` is the manifest's folder, not a key)."""
 
 
 def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
