@@ -94,8 +94,9 @@ def test_schema_and_validator_agree_on_the_examples(validator, name):
 
 def test_schema_runtime_tables_come_from_the_models():
     schema = manifest_json_schema()
-    runtime = schema["properties"]["runtime"]["properties"]
     defs = schema["$defs"]
+    assert schema["properties"]["runtime"]["$ref"] == "#/$defs/RuntimeTable"
+    runtime = defs["RuntimeTable"]["properties"]
     assert defs["ForaConfig"]["properties"]["interval"]["maximum"] == 6
     assert defs["WarmupShape"]["properties"]["height"]["maximum"] == S.MAX_SIDE
     assert defs["WarmupShape"]["properties"]["batch"]["maximum"] == S.MAX_BATCH

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Iterable
 
@@ -42,6 +43,10 @@ class SettingsError(SmashError, ValueError):
             text += f" ({self.hint})"
         return text
 
+    def __reduce__(self):
+        # Copies and pickles keep every attribute (the default would call __init__ with args only).
+        return _restore, (type(self), self.args, dict(self.__dict__))
+
     def with_prefix(self, prefix: str) -> SettingsError:
         """The same error with its key moved under ``prefix`` (``runtime.cacher`` + ``interval``)."""
         if not self.key:
@@ -50,7 +55,32 @@ class SettingsError(SmashError, ValueError):
             key = prefix + self.key
         else:
             key = f"{prefix}.{self.key}"
-        return SettingsError(key, self.value, self.allowed, self.hint)
+        moved = copy.copy(self)
+        moved.key = key
+        moved.args = (moved._render(),)
+        return moved
+
+
+def _restore(cls: type, args: tuple, state: dict) -> SettingsError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class KeyProblem(SettingsError):
+    """A problem with a key itself (unknown, missing): the message follows the key, no value is shown.
+
+        >>> str(KeyProblem("model.source", " is missing: give a Hub id"))
+        'model.source is missing: give a Hub id'
+    """
+
+    def __init__(self, key: str, text: str, hint: str | None = None):
+        super().__init__(key, None, text, hint)
+
+    def _render(self) -> str:
+        text = f"{self.key}{self.allowed}"
+        return f"{text} ({self.hint})" if self.hint else text
 
 
 class UnsupportedOnDevice(SmashError):

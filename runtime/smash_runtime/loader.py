@@ -15,6 +15,7 @@ import torch
 from .errors import ArtifactError, SettingsError, UnsupportedOnDevice
 from .format import MANIFEST_FILE, VerifyMode, read_manifest, verify_files
 from .fused_layout import join_fused
+from .settings import QUANTIZE_METHODS
 from .structure import WEIGHTS_FILE, assign_weights, build_skeleton, resolve_class
 from .tensors import load_component_state_dict
 
@@ -22,7 +23,7 @@ logger = logging.getLogger("smash_runtime")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Quantized weights whose kernels exist only on CUDA, with the capability they need.
-_CUDA_ONLY = {"fp8dq": (8, 9), "int4wo": (8, 0)}
+_CUDA_ONLY = {name: m.cuda_capability for name, m in QUANTIZE_METHODS.items() if m.cuda_capability}
 
 
 @dataclass

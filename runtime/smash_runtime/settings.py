@@ -23,7 +23,9 @@ Adding a cacher: subclass :class:`CacherSettings` here (its fields and class fac
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
 import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -32,7 +34,7 @@ from annotated_types import Ge, Le, MultipleOf
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from pydantic.fields import FieldInfo
 
-from .errors import SettingsError, did_you_mean
+from .errors import KeyProblem, SettingsError, did_you_mean
 
 __all__ = [
     "CACHER_SETTINGS",
@@ -40,6 +42,8 @@ __all__ = [
     "MAX_BATCH",
     "MAX_SIDE",
     "MAX_STEPS",
+    "QUANTIZE_METHODS",
+    "QuantizeMethod",
     "SCOPES",
     "SIDE_MULTIPLE",
     "TORCH_COMPILE_MODES",
@@ -78,6 +82,43 @@ SIDE_MULTIPLE = 16
 """Heights and widths are multiples of this: latents are 1/8 of the image and FLUX packs 2x2 patches."""
 
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeMethod:
+    """A torchao quantization method the build can bake, and what its kernels need at load.
+
+    ``cuda_capability``: the method's kernels exist only on CUDA GPUs of at least this compute
+    capability (None: any device).
+    """
+
+    name: str
+    description: str
+    cuda_capability: tuple[int, int] | None = None
+
+    def device_problem(self, device: str, capability: tuple[int, int] | None) -> str | None:
+        """Why the stored weights cannot run on ``device`` (capability of a CUDA device), or None."""
+        need = self.cuda_capability
+        if need is None:
+            return None
+        if not device.startswith("cuda"):
+            return f"needs a CUDA GPU with compute capability >= {need[0]}.{need[1]}; this load targets {device!r}"
+        if capability is not None and tuple(capability) < need:
+            return f"needs compute capability >= {need[0]}.{need[1]}; this GPU has {capability[0]}.{capability[1]}"
+        return None
+
+
+QUANTIZE_METHODS: dict[str, QuantizeMethod] = {
+    m.name: m
+    for m in (
+        QuantizeMethod("int8dq", "int8 weights and dynamically quantized int8 activations"),
+        QuantizeMethod("int8wo", "int8 weights, activations in the model dtype"),
+        QuantizeMethod("int4wo", "int4 weights (tile-packed), CUDA kernels only", (8, 0)),
+        QuantizeMethod("fp8wo", "float8 weights, activations in the model dtype"),
+        QuantizeMethod("fp8dq", "float8 weights and activations (row-wise), needs Ada/Hopper kernels", (8, 9)),
+    )
+}
+"""Every quantization method by name: the one table the manifest, the build and the loader read."""
 SCOPES = ("blocks", "model")
 
 
@@ -88,21 +129,28 @@ class Allowed:
         self.text = text
 
 
-def _number(value: Any) -> float:
+class Missing:
+    """Field metadata: what to say when a required key is absent (``"<key> is missing: <text>"``)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def finite_number(value: Any) -> float:
     # TOML integers are fine where a number is wanted; booleans and strings are typos.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError("not a finite number")
     return float(value)
 
 
-Number = Annotated[float, BeforeValidator(_number)]
+Number = Annotated[float, BeforeValidator(finite_number)]
 
 
 def _window(lo: float, hi: float):
     def check(value: Any) -> tuple[float, float]:
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise ValueError("not a pair")
-        start, end = (_number(v) for v in value)
+        start, end = (finite_number(v) for v in value)
         if not lo <= start < end <= hi:
             raise ValueError("out of order or range")
         return (start, end)
@@ -191,13 +239,16 @@ def _problem(model: type[BaseModel], item: dict) -> SettingsError:
     if item["type"] == "extra_forbidden":
         owner = _resolve(model, loc[:-1])
         owner = owner if isinstance(owner, type) and issubclass(owner, BaseModel) else model
-        names = list(owner.model_fields)
+        names = [name for name, f in owner.model_fields.items() if not f.exclude]
         return SettingsError(
             key, item["input"], f"not a setting of {owner.where}; allowed: " + ", ".join(names),
             hint=did_you_mean(str(loc[-1]), names),
         )
     target = _resolve(model, loc)
     if item["type"] == "missing":
+        missing = next((m for m in _metadata(target) if isinstance(m, Missing)), None)
+        if missing is not None:
+            return KeyProblem(key, f" is missing: {missing.text}" if missing.text else " is missing")
         return SettingsError(key, None, "required: " + _allowed(target))
     value = item["input"]
     if item["type"] == "multiple_of":
@@ -242,7 +293,7 @@ def _unwrap(annotation: Any) -> Any:
             annotation = typing.get_args(annotation)[0]
             continue
         args = typing.get_args(annotation)
-        if typing.get_origin(annotation) in (Union, getattr(__import__("types"), "UnionType", Union)):
+        if typing.get_origin(annotation) in (Union, types.UnionType):
             rest = [a for a in args if a is not type(None)]
             if len(rest) == 1:
                 annotation = rest[0]
@@ -256,9 +307,20 @@ def _metadata(target: Any) -> list:
         annotation = target.annotation
     else:
         meta, annotation = [], target
-    while typing.get_origin(annotation) is Annotated:
-        meta += list(annotation.__metadata__)
-        annotation = typing.get_args(annotation)[0]
+    while True:
+        if typing.get_origin(annotation) is Annotated:
+            meta += list(annotation.__metadata__)
+            annotation = typing.get_args(annotation)[0]
+            continue
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) in (Union, types.UnionType) and len(rest) == 1:
+            annotation = rest[0]
+            continue
+        break
+    # Field(...) inside Annotated carries its bounds in its own metadata.
+    for m in list(meta):
+        if isinstance(m, FieldInfo):
+            meta += list(m.metadata)
     return meta
 
 
@@ -289,7 +351,9 @@ def _allowed(target: Any) -> str:
             return f"{what} >= {lo}{tail}" if lo is not None else what + tail
         return f"{what} from {lo} to {hi}{tail}"
     if annotation is float:
-        return (f"a number from {lo} to {hi}" if lo is not None and hi is not None else "a number") + tail
+        if hi is None:
+            return (f"a number >= {lo}" if lo is not None else "a number") + tail
+        return f"a number from {lo} to {hi}{tail}"
     if _choices(target):
         return "one of " + ", ".join(_choices(target)) + tail
     origin = typing.get_origin(annotation)
