@@ -36,10 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from smash_runtime.errors import SettingsError
-
 # The names live with the [evaluate] settings, which must not import torch.
-from .settings import DEFAULT_CLIP_MODEL, LEARNED, METRICS, WEIGHT_FREE, check_metric_names
+from .settings import DEFAULT_CLIP_MODEL, LEARNED, WEIGHT_FREE, check_metric_names
 
 # Exact files torchmetrics 1.9 reads through torch.hub (relative to TORCH_HOME).
 TORCH_HUB_FILES = {

@@ -22,12 +22,8 @@ from typing import Any
 
 from smash_runtime.errors import SettingsError
 
+from ..manifest import toml_value
 from .runner import RuntimeConfig
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
 
 _SECTIONS = ("cacher", "compiler")
 NONE_WORDS = ("none", "null", "off")
@@ -36,12 +32,7 @@ NONE_WORDS = ("none", "null", "off")
 def parse_value(text: str) -> Any:
     """A ``--vary`` value as TOML reads it (``2`` int, ``0.5`` float, ``true``), else the plain string."""
     text = text.strip()
-    if text.lower() in NONE_WORDS:
-        return None
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+    return None if text.lower() in NONE_WORDS else toml_value(text)
 
 
 def parse_vary(items: Sequence[str]) -> dict[str, list[Any]]:
