@@ -395,6 +395,12 @@ class CacherSettings(Settings):
     family: ClassVar[str] = "dit"
     attention_level: ClassVar[bool] = False
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if "name" in cls.model_fields:
+            cls.where = f"cacher {cls.model_fields['name'].default!r}"
+
     def hooks_attention(self) -> bool:
         """Whether this configuration hooks attention layers inside each block."""
         return self.attention_level
@@ -411,7 +417,6 @@ class _StepSchedule:
 class ForaConfig(_StepSchedule, CacherSettings):
     """``name = "fora"``: FORA, block output residuals reused between full steps (DiT)."""
 
-    where: ClassVar[str] = "cacher 'fora'"
     name: Literal["fora"] = Field("fora", repr=False)
     interval: StrictInt = Field(3, ge=1, le=6, description="full block computation every `interval` steps; 1 = no caching")
     start_step: StrictInt = Field(2, ge=0, description="steps before this one always run fully")
@@ -420,7 +425,6 @@ class ForaConfig(_StepSchedule, CacherSettings):
 class DeepCacheConfig(_StepSchedule, CacherSettings):
     """``name = "deepcache"``: DeepCache, deep UNet features reused while the shallow branch runs."""
 
-    where: ClassVar[str] = "cacher 'deepcache'"
     family: ClassVar[str] = "unet"
     name: Literal["deepcache"] = Field("deepcache", repr=False)
     interval: StrictInt = Field(3, ge=1, le=10, description="full UNet every `interval` steps; 1 = no caching")
@@ -434,27 +438,26 @@ class DeepCacheConfig(_StepSchedule, CacherSettings):
     )
 
 
+AttentionInterval = Annotated[
+    StrictInt, Field(ge=1, le=6, description="attention recomputed every `interval` steps inside the window; 1 = no caching")
+]
+
+
 class PABConfig(CacherSettings):
     """``name = "pab"``: Pyramid Attention Broadcast (arXiv:2408.12588), attention outputs reused."""
 
-    where: ClassVar[str] = "cacher 'pab'"
     attention_level: ClassVar[bool] = True
     name: Literal["pab"] = Field("pab", repr=False)
-    interval: StrictInt = Field(
-        2, ge=1, le=6, description="attention recomputed every `interval` steps inside the window; 1 = no caching"
-    )
+    interval: AttentionInterval = 2
     timestep_range: _window(-1, 1000) = Field((100.0, 800.0), description="timesteps (0-1000) where reuse is allowed")
 
 
 class FasterCacheConfig(CacherSettings):
     """``name = "fastercache"``: FasterCache (arXiv:2410.19355) attention extrapolation, per branch."""
 
-    where: ClassVar[str] = "cacher 'fastercache'"
     attention_level: ClassVar[bool] = True
     name: Literal["fastercache"] = Field("fastercache", repr=False)
-    interval: StrictInt = Field(
-        2, ge=1, le=6, description="attention recomputed every `interval` steps inside the window; 1 = no caching"
-    )
+    interval: AttentionInterval = 2
     # diffusers' hook approximates from a cache it only fills on a computed step: the first step
     # (t = 1000) must lie outside the window, hence end <= 999.
     timestep_range: _window(-1, 999) = Field(
@@ -468,7 +471,6 @@ class FasterCacheConfig(CacherSettings):
 class FirstBlockConfig(CacherSettings):
     """``name = "first_block"``: First Block Cache (ParaAttention): skip the rest when block 0 barely changed."""
 
-    where: ClassVar[str] = "cacher 'first_block'"
     name: Literal["first_block"] = Field("first_block", repr=False)
     # ParaAttention's FLUX examples use 0.08-0.12; 0 never skips.
     threshold: Number = Field(
@@ -479,7 +481,6 @@ class FirstBlockConfig(CacherSettings):
 class TaylorSeerConfig(CacherSettings):
     """``name = "taylorseer"``: TaylorSeer (arXiv:2503.06923), Taylor-extrapolated features."""
 
-    where: ClassVar[str] = "cacher 'taylorseer'"
     attention_level: ClassVar[bool] = True
     name: Literal["taylorseer"] = Field("taylorseer", repr=False)
     interval: StrictInt = Field(
@@ -507,7 +508,6 @@ class MagCacheConfig(CacherSettings):
     checkpoints, or the list ``calibrate_mag_ratios(pipe)`` measures (the builder can record it).
     """
 
-    where: ClassVar[str] = "cacher 'magcache'"
     name: Literal["magcache"] = Field("magcache", repr=False)
     mag_ratios: Annotated[
         Literal["flux"] | tuple[float, ...] | None,
@@ -546,6 +546,12 @@ class CompilerSettings(Settings):
 
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if "name" in cls.model_fields:
+            cls.where = cls.model_fields["name"].default
+
 
 class TorchCompileConfig(CompilerSettings):
     """``torch.compile`` with inductor.
@@ -556,7 +562,6 @@ class TorchCompileConfig(CompilerSettings):
     hooks wrap the compiled blocks without recompiling.
     """
 
-    where: ClassVar[str] = "torch_compile"
     name: Literal["torch_compile"] = Field("torch_compile", repr=False)
     mode: Literal[TORCH_COMPILE_MODES] = Field("default", description="torch.compile mode")
     fullgraph: StrictBool = Field(False, description="fail instead of splitting the graph at unsupported code")
@@ -573,7 +578,6 @@ class StableFastConfig(CompilerSettings):
     captures each shape in a CUDA graph (fastest, but one graph per warm-up shape).
     """
 
-    where: ClassVar[str] = "stable_fast"
     devices: ClassVar[tuple[str, ...]] = ("cuda",)
     name: Literal["stable_fast"] = Field("stable_fast", repr=False)
     cuda_graph: StrictBool = Field(False, description="capture each warm-up shape in a CUDA graph")

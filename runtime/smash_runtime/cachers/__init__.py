@@ -57,17 +57,10 @@ from . import deepcache, diffusers_caches, fora
 from ._tracker import TRACKER_HOOK, CacherStats, StepTrackerHook
 from .diffusers_caches import calibrate_mag_ratios
 
-__all__ = [
+__all__ = [  # plus every cacher's settings class (ForaConfig, ...), re-exported from smash_runtime.settings
     "CACHERS",
     "CacherConfig",
     "CacherStats",
-    "DeepCacheConfig",
-    "FasterCacheConfig",
-    "FirstBlockConfig",
-    "ForaConfig",
-    "MagCacheConfig",
-    "PABConfig",
-    "TaylorSeerConfig",
     "apply_cacher",
     "cacher_config_from_dict",
     "cacher_stats",
@@ -95,6 +88,7 @@ _TECHNIQUES: dict[str, ModuleType] = {
     "magcache": diffusers_caches,
 }
 assert set(_TECHNIQUES) == set(CACHERS), "every cacher setting needs its hooks"
+__all__ += [cls.__name__ for cls in CACHERS.values()]
 
 _APPLIED_ATTR = "_smash_cacher"
 _COMPILED_ATTR = "_smash_compiled"

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from ..format import artifact_sha256
-from .config import TorchCompileConfig
+from ..settings import TorchCompileConfig
 from .precompiled import PrecompiledStore
 
 logger = logging.getLogger(__name__)
