@@ -610,6 +610,11 @@ class WarmupConfig(Settings):
     where: ClassVar[str] = "runtime.warmup"
     shapes: tuple[WarmupShape, ...] = Field((), description="shapes compiled ahead when the runtime warms up")
 
+    def __init__(self, *args: Any, **data: Any) -> None:
+        if args:  # WarmupConfig(shapes), as callers write it
+            (data["shapes"],) = args
+        super().__init__(**data)
+
 
 # --------------------------------------------------------------------------- parsing
 
