@@ -66,6 +66,7 @@ __all__ = [
     "MANIFEST_VERSION",
     "QUANTIZE_METHODS",
     "BuildSpec",
+    "LoraSpec",
     "Manifest",
     "ManifestError",
     "ModelSpec",
@@ -168,8 +169,32 @@ class QuantizeSpec:
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """One ``[build] lora`` entry: a LoRA fused into the weights before QKV fusion and quantization.
+
+    ``source`` is kept as written (it is what smash.json records); ``file`` is the resolved local
+    ``.safetensors`` file, None for a Hub source (downloaded at build time, ``revision`` pinned
+    to a commit then). ``weight_name`` is the file's name inside the folder or Hub repo::
+
+        lora = [{ source = "loras/style.safetensors", scale = 0.8 },
+                { source = "org/flux-lora", weight_name = "lora.safetensors", revision = "v1" }]
+    """
+
+    source: str
+    weight_name: str
+    scale: float = 1.0
+    revision: str | None = None
+    file: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"local"`` or ``"hub"``."""
+        return "local" if self.file is not None else "hub"
+
+
+@dataclass(frozen=True)
 class BuildSpec:
-    """``[build]``: transforms baked into the weights, in the order fuse, then quantize.
+    """``[build]``: transforms baked into the weights, in the order LoRA, fuse, then quantize.
 
     ``streaming`` None means: the builder decides from the component's size.
     """
@@ -177,6 +202,7 @@ class BuildSpec:
     fuse_qkv: bool = False
     quantize: QuantizeSpec | None = None
     streaming: bool | None = None
+    lora: tuple[LoraSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -399,13 +425,17 @@ def _keys_of(section: str) -> tuple[str, ...]:
     return tuple(name for name, f in model.model_fields.items() if not f.exclude)
 
 
-def _known(p: _Problems, section: str, table: dict) -> dict:
-    """``table`` without the keys ``section`` does not accept; each is reported with the nearest guess."""
+def _known(p: _Problems, section: str, table: dict, at: str | None = None) -> dict:
+    """``table`` without the keys ``section`` does not accept; each is reported with the nearest guess.
+
+    ``at`` is the table's key path when it differs from ``section`` (``build.lora[2]``).
+    """
     allowed = _keys_of(section)
+    where = tables.TABLES[section].where if at else _section_of(section)
     for key in table:
         if key in allowed:
             continue
-        path = f"{section}.{key}" if section else key
+        path = f"{at or section}.{key}" if at or section else key
         if section == "publish.hub" and key.lower() in _SECRETS:
             # Never echo a secret back, and say where tokens do come from.
             p.add(path, f"{path}: tokens are never read from the manifest; set HF_TOKEN or run "
@@ -418,8 +448,7 @@ def _known(p: _Problems, section: str, table: dict) -> dict:
             homes = [s for s in tables.TABLES if s != section and key in _keys_of(s)]
             if homes:
                 hint = f"'{key}' belongs in {' or '.join(_section_of(s) for s in homes)}"
-        p.settings(KeyProblem(path, f": unknown key in {_section_of(section)}; allowed keys: {', '.join(allowed)}",
-                              hint))
+        p.settings(KeyProblem(path, f": unknown key in {where}; allowed keys: {', '.join(allowed)}", hint))
     return {k: v for k, v in table.items() if k in allowed}
 
 
@@ -495,7 +524,7 @@ def _validate(raw: dict, base: Path, p: _Problems, path: Path | None, stem: str 
         if typed is not None:
             model, family = _model(p, typed, base)
 
-    build = _build(p, top.get("build", {}))
+    build = _build(p, top.get("build", {}), base)
     runtime = _runtime(p, top.get("runtime", {}), family)
     output_table = _table(p, "output", top.get("output", {}))
     output = None
@@ -603,9 +632,7 @@ def _source(p: _Problems, text: str, base: Path):
 
     folder = Path(os.path.expanduser(text))
     folder = folder if folder.is_absolute() else base / folder
-    looks_local = (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
-                   or (text.count("/") == 0 and "@" not in text))
-    if folder.exists() or looks_local:
+    if folder.exists() or _looks_local(text):
         return _local_source(p, text, folder)
 
     repo, _, at_revision = text.partition("@")
@@ -623,6 +650,12 @@ def _source(p: _Problems, text: str, base: Path):
             p.settings(e, key)
             return nothing
     return "hub", repo, None, at_revision or None
+
+
+def _looks_local(text: str) -> bool:
+    """Whether a source that does not exist was meant as a path rather than a Hub id ``org/name``."""
+    return (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+            or (text.count("/") == 0 and "@" not in text))
 
 
 def _local_source(p: _Problems, text: str, folder: Path):
@@ -661,17 +694,94 @@ def _local_source(p: _Problems, text: str, folder: Path):
     return "local", str(folder.resolve()), transformable, None
 
 
-def _build(p: _Problems, value: object) -> BuildSpec | None:
+def _build(p: _Problems, value: object, base: Path) -> BuildSpec | None:
     table = _table(p, "build", value)
     if table is None:
         return None
     if isinstance(table.get("quantize"), dict):
         table = {**table, "quantize": _known(p, "build.quantize", table["quantize"])}
+    loras = _loras(p, table.pop("lora", []), base)
     typed = _typed(p, "build", tables.BuildTable, table)
-    if typed is None:
+    if typed is None or loras is None:
+        return None
+    if loras and typed.streaming:
+        p.bad("build.streaming", True, "cannot be combined with build.lora: the streaming build does not fuse LoRAs",
+              "set build.streaming = false or leave it out")
         return None
     quantize = typed.quantize and QuantizeSpec(method=typed.quantize.method, exclude=typed.quantize.exclude)
-    return BuildSpec(fuse_qkv=typed.fuse_qkv, quantize=quantize, streaming=typed.streaming)
+    return BuildSpec(fuse_qkv=typed.fuse_qkv, quantize=quantize, streaming=typed.streaming, lora=loras)
+
+
+def _loras(p: _Problems, value: object, base: Path) -> tuple[LoraSpec, ...] | None:
+    """``[build] lora``: a list of LoRA tables (a single table is taken as a list of one)."""
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        p.bad("build.lora", value, f"must be a list of tables [{tables.LORA_FORM}, ...], got {type_name(value)}")
+        return None
+    start = len(p.items)
+    specs = []
+    for i, entry in enumerate(value):
+        key = f"build.lora[{i}]"
+        if not isinstance(entry, dict):
+            p.bad(key, entry, f"must be a table {tables.LORA_FORM}, got {type_name(entry)}")
+            continue
+        typed = _typed(p, key, tables.LoraTable, _known(p, "build.lora", entry, at=key))
+        if typed is not None:
+            specs.append(_lora(p, key, typed, base))
+    return tuple(specs) if len(p.items) == start else None
+
+
+def _lora(p: _Problems, key: str, t: tables.LoraTable, base: Path) -> LoraSpec | None:
+    """A LoRA entry against the disk: a .safetensors file, a folder holding one, or a Hub repo id."""
+    start = len(p.items)
+    source, weight_name, revision, file = t.source, t.weight_name, None, None
+    path = _resolve(base, source)
+    if path.is_file():
+        if weight_name is not None and weight_name != path.name:
+            p.bad(f"{key}.weight_name", weight_name, f"applies to folder and Hub sources; {shown(source)} is a file",
+                  "remove weight_name")
+        if path.suffix != ".safetensors":
+            p.bad(f"{key}.source", source, "must be a .safetensors file (LoRAs load from safetensors only, "
+                                           "never from pickled .bin/.pt files)")
+        file, weight_name = path, path.name
+    elif path.is_dir():
+        weight_name = weight_name or tables.LORA_WEIGHT_NAME
+        file = path / weight_name
+        if not file.is_file():
+            found = sorted(f.relative_to(path).as_posix() for f in path.rglob("*.safetensors"))[:10]
+            p.bad(f"{key}.weight_name", weight_name, f"no such file in {path}; it holds "
+                  + (", ".join(found) if found else "no .safetensors files"),
+                  "set weight_name to the LoRA's file name" if found else None)
+    elif "://" in source or source.startswith(("huggingface.co/", "hf.co/")):
+        parts = source.split("://")[-1].strip("/").split("/")
+        p.bad(f"{key}.source", source, "must be a Hub repo id \"org/name\", not a URL",
+              f"give the id only, e.g. {parts[-2]}/{parts[-1]}" if len(parts) >= 3 else None)
+    elif _looks_local(source) or source.endswith(".safetensors"):
+        p.add(f"{key}.source", f"{key}.source = {shown(source)}: no such file or folder ({path}); a local LoRA is a "
+                               ".safetensors file or a folder holding one (relative to the manifest's folder)")
+    else:
+        repo, _, at = source.partition("@")
+        problem = repo_id_problem(repo, "a Hub repo id \"org/name\" (or an existing local file)")
+        if problem is not None:
+            p.settings(problem, f"{key}.source")
+            return None
+        if at and t.revision is not None:
+            p.bad(f"{key}.revision", t.revision, f"conflicts with the revision {shown(at)} given in the source; "
+                                                 "give it in one place")
+            return None
+        try:
+            revision = tables.check_ref(at) if at else (t.revision or "main")
+        except SettingsError as e:
+            p.settings(e, f"{key}.source")
+            return None
+        source, weight_name = repo, weight_name or tables.LORA_WEIGHT_NAME
+    if t.revision is not None and file is not None:
+        p.bad(f"{key}.revision", t.revision, "applies to Hub sources only", "remove it")
+    if len(p.items) > start or weight_name is None:
+        return None
+    return LoraSpec(source=source if file is None else t.source, weight_name=weight_name, scale=t.scale,
+                    revision=revision, file=file)
 
 
 def _runtime(p: _Problems, value: object, family: str | None) -> RuntimeSpec | None:

@@ -15,6 +15,7 @@ the manifest layer puts the key path in front.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -35,7 +36,9 @@ __all__ = [
     "MANIFEST_VERSION",
     "MAX_STRING_CHARS",
     "QUANTIZE_METHODS",
+    "LORA_WEIGHT_NAME",
     "BuildTable",
+    "LoraTable",
     "ManifestDocument",
     "ModelTable",
     "OutputTable",
@@ -306,6 +309,29 @@ def _quantize(value: Any) -> Any:
                                    "{ method = ..., exclude = [...] }, got " + type_name(value))
 
 
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+"""diffusers' own default file name for a LoRA in a folder or Hub repo (``load_lora_weights``)."""
+LORA_FORM = "{ source = \"file, folder or org/name\", weight_name = \"...\", scale = 1.0 }"
+
+
+def _lora_scale(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SettingsError("", value, "must be a finite number: the LoRA's strength (1.0 = as trained)")
+    return float(value)
+
+
+def _weight_name(value: Any) -> str:
+    name = text_rule("a .safetensors file name")(value)
+    if not name.endswith(".safetensors") or name.startswith("/") or ".." in name.split("/"):
+        raise SettingsError("", name, "must be a relative .safetensors file name inside the folder or Hub repo "
+                                      "(LoRAs load from safetensors only)")
+    return name
+
+
+def _loras(value: Any) -> Any:
+    return [value] if isinstance(value, dict) else value  # a single table is a list of one
+
+
 def _streaming(value: Any) -> bool | None:
     if value == "auto":
         return None
@@ -402,8 +428,26 @@ class QuantizeTable(Table):
               examples=[["norm", "embedding"], ["*proj_out*"]])
 
 
+class LoraTable(Table):
+    """One ``[build] lora`` entry: a LoRA fused into the weights before QKV fusion and quantization."""
+
+    section: ClassVar[str] = "build.lora"
+    where: ClassVar[str] = "a LoRA table"
+    source: Annotated[
+        str, BeforeValidator(text_rule("a .safetensors file, a folder or a Hub repo id \"org/name\"")),
+        Missing("a .safetensors file, a folder holding one, or a Hub repo id \"org/name\""),
+    ] = Field(min_length=1, description="a .safetensors file, a folder (relative to this file) or a Hub repo id "
+                                        "org/name[@revision]")
+    weight_name: Annotated[str, BeforeValidator(_weight_name)] | None = Field(
+        None, json_schema_extra={"pattern": r"\.safetensors$", "default": LORA_WEIGHT_NAME},
+        description="the file's name inside the folder or Hub repo")
+    scale: Annotated[float, BeforeValidator(_lora_scale)] = Field(1.0, description="strength (1.0 = as trained)")
+    revision: Annotated[str, BeforeValidator(check_ref)] | None = Field(
+        None, json_schema_extra={"default": "main"}, description="Hub sources only")
+
+
 class BuildTable(Table):
-    """``[build]``: transforms baked into the weights, in the order fuse, then quantize."""
+    """``[build]``: transforms baked into the weights, in the order LoRA, fuse, then quantize."""
 
     section: ClassVar[str] = "build"
     fuse_qkv: Bool = Field(False, description="fuse attention q/k/v projections into one matmul")
@@ -414,6 +458,8 @@ class BuildTable(Table):
     streaming: Annotated[bool | None, BeforeValidator(_streaming, json_schema_input_type=bool | Literal["auto"])] = Field(
         None, json_schema_extra={"default": "auto"},
         description="build one block at a time with bounded memory; auto = by size")
+    lora: Annotated[tuple[LoraTable, ...], BeforeValidator(_loras, json_schema_input_type=list[LoraTable] | LoraTable)] = (
+        Field((), description="LoRAs fused into the weights, in order, before QKV fusion"))
 
 
 class RuntimeTable(Table):
@@ -491,7 +537,7 @@ class ManifestDocument(Table):
 
 TABLES: dict[str, type[Settings]] = {
     "": ManifestDocument, "model": ModelTable, "build": BuildTable, "build.quantize": QuantizeTable,
-    "runtime": RuntimeTable, "output": OutputTable, "evaluate": EvalSettings, "publish": PublishTable,
+    "build.lora": LoraTable, "runtime": RuntimeTable, "output": OutputTable, "evaluate": EvalSettings, "publish": PublishTable,
     "publish.hub": PublishHubTable, "publish.image": PublishImageTable,
 }
 """Every table by its section path, for unknown-key messages."""

@@ -56,6 +56,8 @@ BEYOND_A_SCHEMA = {
     "revision_twice": "model.source x model.revision",
     "unknown_builtin": "builtin names",
     "empty_source": "non-blank strings",
+    "lora_hub_revision_twice": "source@revision x revision, URLs",
+    "lora_with_streaming": "build.lora x build.streaming",
 }
 
 
