@@ -248,6 +248,7 @@ class Manifest:
     publish_hub: dict | None
     publish_image: dict | None
     raw: dict
+    serve: dict | None = None  # [serve]: scaling on Ray Serve (smash_runtime.server.scaling), recorded as runtime.serve
 
 
 # --------------------------------------------------------------------------- public API
@@ -557,10 +558,27 @@ def _validate(raw: dict, base: Path, p: _Problems, path: Path | None, stem: str 
                           "add a [runtime.compiler] table or set include_compile_cache = false")
                     publish_image = None
 
+    serve = _serve(p, top["serve"]) if "serve" in top else None
+
     if p or model is None or build is None or runtime is None or output is None:
         return None
     return Manifest(path=path, model=model, build=build, runtime=runtime, output=output,
-                    evaluate=evaluate, publish_hub=publish_hub, publish_image=publish_image, raw=raw)
+                    evaluate=evaluate, publish_hub=publish_hub, publish_image=publish_image, raw=raw, serve=serve)
+
+
+def _serve(p: _Problems, value: object) -> dict | None:
+    """[serve] through the Ray deployment's own model (its messages); the normalized dict (defaults filled)."""
+    if not isinstance(value, dict):
+        p.bad("serve", value, "must be a table [serve] with replicas = N or min_replicas/max_replicas, "
+                              f"got {type_name(value)}")
+        return None
+    from smash_runtime.server.scaling import serve_settings_from_dict
+
+    try:
+        return serve_settings_from_dict(value).record()
+    except SettingsError as e:
+        p.settings(e, "serve")
+        return None
 
 
 def _model(p: _Problems, t: tables.ModelTable, base: Path) -> tuple[ModelSpec | None, str | None]:

@@ -4,7 +4,8 @@ Each key's type, default, description and the rule its value must follow are dec
 here; the manifest layer (``smash_build.manifest``) validates a TOML document against
 :class:`ManifestDocument`, and ``smash-build schema`` prints the JSON Schema generated from it.
 The runtime tables are the runtime's own models (``smash_runtime.settings``) and ``[evaluate]``
-is ``smash_build.evaluate.settings.EvalSettings``. Torch-free.
+is ``smash_build.evaluate.settings.EvalSettings``; ``[serve]`` is the Ray deployment's
+``smash_runtime.server.scaling.ServeSettings``. Torch-free.
 
 Rules a schema cannot state (files on disk, the source's components, cacher x pipeline family
 x compiler) are the manifest's second pass.
@@ -23,6 +24,7 @@ from pydantic import BeforeValidator, Field
 
 from smash_runtime import settings as runtime
 from smash_runtime.errors import SettingsError, did_you_mean
+from smash_runtime.server.scaling import ServeSettings
 from smash_runtime.settings import Missing, Settings
 
 from .evaluate.settings import EvalSettings
@@ -530,6 +532,8 @@ class ManifestDocument(Table):
     model: ModelTable = Field(description="the source pipeline")
     build: BuildTable = Field(BuildTable(), description="transforms baked into the weights (fuse, then quantize)")
     runtime: RuntimeTable = Field(RuntimeTable(), description="recorded in smash.json and applied by the runtime at load")
+    serve: ServeSettings | None = Field(
+        None, description="scaling of `smash-serve --ray` and the KubeRay RayService; recorded in smash.json")
     output: OutputTable = OutputTable()
     evaluate: EvalSettings | None = Field(None, description="compare the artifact with its base: speed, memory, fidelity")
     publish: PublishTable | None = None
@@ -537,7 +541,7 @@ class ManifestDocument(Table):
 
 TABLES: dict[str, type[Settings]] = {
     "": ManifestDocument, "model": ModelTable, "build": BuildTable, "build.quantize": QuantizeTable,
-    "build.lora": LoraTable, "runtime": RuntimeTable, "output": OutputTable, "evaluate": EvalSettings, "publish": PublishTable,
+    "build.lora": LoraTable, "runtime": RuntimeTable, "serve": ServeSettings, "output": OutputTable, "evaluate": EvalSettings, "publish": PublishTable,
     "publish.hub": PublishHubTable, "publish.image": PublishImageTable,
 }
 """Every table by its section path, for unknown-key messages."""
