@@ -740,10 +740,10 @@ def timed_call(pipe, kwargs: dict, device, progress: bool = False) -> tuple[floa
 
 
 def psnr_db(latent, reference) -> float:
-    from torchmetrics.functional.image import peak_signal_noise_ratio
+    """PSNR of latents, over the reference's own value range."""
+    from smash_build.evaluate.measure import psnr_db as psnr
 
-    data_range = float(reference.max() - reference.min()) or 1.0
-    return float(peak_signal_noise_ratio(latent, reference, data_range=data_range))
+    return psnr(latent, reference, data_range=float(reference.max() - reference.min()) or 1.0)
 
 
 def run_config(cfg: Config, ctx: Context, runs: int, row: Row) -> None:

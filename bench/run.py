@@ -56,12 +56,13 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from smash_build.evaluate.measure import PeakRss, p90, psnr_db, rss
 
 T0 = time.perf_counter()
 HERE = Path(__file__).resolve().parent
@@ -181,12 +182,6 @@ def select(names: str | None) -> list[Config]:
 # -- measuring ----------------------------------------------------------------------------------
 
 
-def rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
 def settled_rss() -> int:
     """RSS once freed memory is handed back: without the trim, glibc keeps the previous
     configuration's freed pages, the next pipeline reuses them, and its footprint reads ~0."""
@@ -196,30 +191,6 @@ def settled_rss() -> int:
     except (OSError, AttributeError):  # not glibc: the footprint may read low
         pass
     return rss()
-
-
-class PeakRss:
-    """Highest process RSS while the ``with`` block runs, sampled by a thread (torch releases the GIL)."""
-
-    def __init__(self, interval_s: float = 0.01):
-        self.interval_s = interval_s
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, rss())
-
-    def __enter__(self) -> PeakRss:
-        self.peak = rss()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss())
 
 
 class Budget:
@@ -257,18 +228,6 @@ def timed_call(pipe, fam: Family) -> tuple[float, Any, int]:
         image = generate(pipe, fam)
         elapsed = time.perf_counter() - start
     return elapsed, image, memory.peak
-
-
-def psnr_db(image, reference) -> float:
-    """PSNR in dB (data range 1) of ``image`` vs ``reference``; inf when they are identical."""
-    mse = float(((image.double() - reference.double()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def p90(values: list[float]) -> float:
-    if len(values) < 2:
-        return values[0]
-    return statistics.quantiles(values, n=10, method="inclusive")[-1]
 
 
 def weight_bytes(folder: Path) -> int:

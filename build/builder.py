@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import torch
 
+from smash_runtime import anatomy
 from smash_runtime.errors import SettingsError
 from smash_runtime.fused_layout import fused_parts, unfused_names
 from smash_runtime.structure import WEIGHTS_FILE, fuse_qkv, resolve_class
@@ -92,11 +93,11 @@ def check_runtime_settings(manifest: Manifest, component_names) -> None:
     cacher = manifest.runtime.cacher
     if not cacher:
         return
-    from smash_runtime.cachers import cacher_config_from_dict, check_cacher_compatibility
+    from smash_runtime.settings import cacher_from_dict, check_cacher_compatibility
 
-    family = "dit" if "transformer" in component_names else "unet"
+    family = anatomy.family_of(component_names) or "unet"
     try:
-        check_cacher_compatibility(cacher_config_from_dict(cacher), family, manifest.runtime.compiler)
+        check_cacher_compatibility(cacher_from_dict(cacher), family, manifest.runtime.compiler)
     except SettingsError as exc:
         raise exc.with_prefix("runtime.cacher") from None
 
@@ -214,8 +215,7 @@ def _build_streaming(manifest, source, target, step, max_shard_bytes, progress) 
     index = json.loads((source.folder / "model_index.json").read_text())
     entries = {n: e for n, e in index.items() if isinstance(e, list) and e[0] is not None}
     models = [n for n, (lib, cls) in entries.items() if lib in WEIGHTS_FILE and issubclass(resolve_class(lib, cls), torch.nn.Module)]
-    denoiser = "transformer" if "transformer" in models else "unet"
-    names = list(spec.components or [denoiser])
+    names = list(spec.components or [anatomy.denoiser_name(models) or "unet"])
     _check_targets(names, models)
     check_runtime_settings(manifest, entries)
     if b.fuse_qkv:

@@ -146,12 +146,18 @@ def _load_manifest(path: str, overrides: dict | None = None):
              epilog="\b\nExit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items()))
 @click.version_option(message=package_versions("smash-build", "smash-build", "smash-runtime"))
 @_loudness_options
-def main():
+@click.pass_context
+def main(ctx: click.Context):
     """Bake QKV fusion and quantization into a diffusion model and write a deployable artifact.
 
     Run `smash-build MANIFEST.toml` to build; see `smash-build COMMAND --help` for the rest.
     """
-    quiet_third_party_logs()
+    if ctx.invoked_subcommand not in _TORCH_FREE_COMMANDS:
+        quiet_third_party_logs()  # configures diffusers' and transformers' loggers, importing them
+
+
+# Commands that never import torch or diffusers (they start in a fraction of a second).
+_TORCH_FREE_COMMANDS = ("validate", "schema")
 
 
 @main.command("build")

@@ -2,7 +2,7 @@
 
 A manifest is the user's whole interface to smash-build. Everything in it is checked before
 any work starts, and every problem is reported at once, each naming the key path, the bad
-value, what is allowed and, where one is close, what was probably meant::
+value (cut short), what is allowed and, where one is close, what was probably meant::
 
     >>> from smash_build.manifest import load_manifest, ManifestError
     >>> m = load_manifest("manifests/tiny-flux.toml")
@@ -17,33 +17,23 @@ value written in the file::
 
     >>> m = load_manifest("manifests/tiny-flux.toml", {"runtime.cacher.interval": 3})
 
-Sections (see ``manifest_json_schema()`` for every key and default):
-
-``[model]`` what to build from; ``[build]`` what is baked into the weights; ``[runtime]``
-what the runtime applies at load (cacher, compiler, warm-up: validated here by the
-runtime's own config parsers, recorded as plain dicts); ``[output]`` where the artifact
-goes; ``[evaluate]``, ``[publish.hub]``, ``[publish.image]`` optional follow-up steps.
-
-One rule set per table: the cacher and compiler parameter rules live in
-``smash_runtime.cachers`` and ``smash_runtime.compilers`` (the runtime must enforce them on any
-artifact, not only on fresh builds), the ``[evaluate]`` rules in
-``smash_build.evaluate.settings``; this module calls them, re-raises their errors under
-``runtime.cacher.`` / ``runtime.compiler.`` / ``runtime.warmup.``, and adds the checks that
-need the disk (source folders, prompt files, the output folder) or span tables (cacher x
-pipeline family x compiler, compile cache without a compiler).
+Validation has two passes. The first checks every table against its typed model, declared once
+with its bounds, defaults and descriptions (``smash_build.settings``; the runtime tables are
+``smash_runtime.settings``, ``[evaluate]`` is ``smash_build.evaluate.settings``), and is what
+``manifest_json_schema()`` describes. The second checks what a schema cannot say: files on
+disk (source folders, prompt files, the output folder), the source's components, and rules
+that span tables (cacher x pipeline family x compiler, compile cache without a compiler).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import fnmatch
 import json
-import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +43,21 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 only
     import tomli as tomllib
 
-from smash_runtime.errors import SettingsError, SmashError, did_you_mean
+from smash_runtime import settings as runtime_settings
+from smash_runtime.anatomy import family_of
+from smash_runtime.errors import KeyProblem, SettingsError, SmashError, did_you_mean, shown
+
+from . import settings as tables
+from .settings import (
+    BUILTIN_MODELS,
+    BUILTIN_PREFIX,
+    DTYPES,
+    EXCLUDE_PRESETS,
+    MANIFEST_VERSION,
+    QUANTIZE_METHODS,
+    repo_id_problem,
+    type_name,
+)
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -75,54 +79,12 @@ __all__ = [
     "parse_override",
 ]
 
-MANIFEST_VERSION = 1
-
-# Kept here rather than imported from tiny_models so validating a manifest never imports
-# torch/diffusers; a test checks that both lists agree.
-BUILTIN_MODELS: dict[str, tuple[str, ...]] = {
-    "tiny-flux": ("transformer", "vae", "text_encoder", "text_encoder_2"),
-    "tiny-sdxl": ("unet", "vae", "text_encoder", "text_encoder_2"),
-}
-BUILTIN_PREFIX = "builtin:"
-
-DTYPES = ("float32", "bfloat16", "float16")
-_DTYPE_ALIASES = {
-    "fp32": "float32", "float": "float32", "f32": "float32",
-    "bf16": "bfloat16",
-    "fp16": "float16", "half": "float16", "f16": "float16",
-}
-DEFAULT_DTYPE = "bfloat16"
-
-QUANTIZE_METHODS = ("int8dq", "int8wo", "int4wo", "fp8wo", "fp8dq")
-EXCLUDE_PRESETS: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "norm": ("*norm*",),
-    "embedding": ("*embed*",),
-    "norm+embedding": ("*norm*", "*embed*"),
-}
-
-# Denoiser component -> pipeline family, for the cacher compatibility check (the runtime's
-# pipeline_family() decides the same way, but needs the pipeline class imported).
-_FAMILY_OF_DENOISER = {"transformer": "dit", "unet": "unet"}
+# Bounds checked before the TOML parser runs: its recursion and memory grow with them.
+MAX_MANIFEST_BYTES = 8 * 1024 * 1024
+MAX_NESTING = 32
 
 # Component classes that hold no weights and so cannot be transformed.
 _NOT_MODULES = ("Tokenizer", "Scheduler", "FeatureExtractor", "ImageProcessor", "Processor")
-
-# Every key each table accepts, in the order the docs list them. Also used for "this key
-# belongs in [other section]" hints.
-_SECTION_KEYS: dict[str, tuple[str, ...]] = {
-    "": ("manifest_version", "model", "build", "runtime", "serve", "output", "evaluate", "publish"),
-    "model": ("source", "revision", "dtype", "components"),
-    "build": ("fuse_qkv", "quantize", "streaming", "lora"),
-    "build.quantize": ("method", "exclude"),
-    "build.lora": ("source", "weight_name", "scale", "revision"),
-    "runtime": ("cacher", "compiler", "warmup"),
-    "output": ("dir",),
-    "evaluate": (),  # the evaluation's own settings fields, see _section_keys
-    "publish": ("hub", "image"),
-    "publish.hub": ("repo", "private", "revision", "commit_message"),
-    "publish.image": ("tag", "base", "push", "include_compile_cache"),
-}
 
 # Words people write for a key, where spelling similarity alone finds nothing.
 _SYNONYMS = {
@@ -133,24 +95,7 @@ _SYNONYMS = {
     "excluded": "exclude", "skip": "exclude", "ignore": "exclude", "type": "method",
     "branch": "revision", "message": "commit_message", "image": "tag", "base_image": "base",
 }
-
-# Hub repo ids, the shape huggingface_hub accepts for "org/name" (validate_repo_id adds the
-# "--"/".." rules, checked below through it).
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-
-# Container image references, after github.com/distribution/reference (regexp.go).
-_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
-_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
-_IMAGE_REF = re.compile(
-    rf"^(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
-    r"(?::(?P<tag>[\w][\w.-]{0,127}))?"
-    r"(?:@(?P<digest>[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}))?$"
-)
-
-# Git refs, the subset of `git check-ref-format` rules that catch real typos.
-_BAD_REF = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]|\.\.|@\{|//|^[-/.]|[/.]$|\.lock$")
-_GLOB_CHARS = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]+$")
+_SECRETS = ("token", "hf_token", "api_key")
 
 
 class ManifestError(SmashError):
@@ -262,15 +207,25 @@ class BuildSpec:
 
 @dataclass(frozen=True)
 class RuntimeSpec:
-    """``[runtime]``: settings recorded into smash.json as-is and applied by the runtime.
+    """``[runtime]``: settings recorded into smash.json and applied by the runtime.
 
-    Each is the normalized dict of the runtime's own config (defaults filled); ``warmup`` is
-    ``{"shapes": [{"height", "width", "steps", "batch"}, ...]}``.
+    Each is the normalized table of the runtime's settings model (``settings_to_dict``, defaults
+    filled); ``warmup`` is ``{"shapes": [{"height", "width", "steps", "batch"}, ...]}``.
+    ``cacher_config()`` and friends give the typed models back.
     """
 
     cacher: dict | None
     compiler: dict | None
     warmup: dict
+
+    def cacher_config(self) -> runtime_settings.CacherConfig | None:
+        return runtime_settings.cacher_from_dict(self.cacher) if self.cacher else None
+
+    def compiler_config(self) -> runtime_settings.CompilerConfig | None:
+        return runtime_settings.compiler_from_dict(self.compiler) if self.compiler else None
+
+    def warmup_config(self) -> runtime_settings.WarmupConfig:
+        return runtime_settings.warmup_from_dict(self.warmup)
 
 
 @dataclass(frozen=True)
@@ -310,6 +265,8 @@ def load_manifest(path: str | os.PathLike, overrides: Mapping[str, Any] | None =
     path = Path(path)
     origin = str(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ManifestError([("", _too_big(path.stat().st_size))], origin)
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ManifestError([("", f"manifest file not found: {origin}")], origin) from None
@@ -330,6 +287,9 @@ def parse_manifest(
     path: Path | None = None,
 ) -> Manifest:
     """Validate the manifest ``text``; relative paths in it are resolved against ``base_dir``."""
+    problem = _shape_problem(text)
+    if problem:
+        raise ManifestError([("", problem)], origin)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -353,29 +313,57 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise SettingsError(text, text, "an override looks like KEY=VALUE, e.g. runtime.cacher.interval=3")
-    return key, _toml_value(value.strip())
+    return key, toml_value(value.strip())
 
 
-# --------------------------------------------------------------------------- problems
+def toml_value(text: str) -> Any:
+    """``"3"`` -> 3, ``"[2, 3]"`` -> [2, 3], ``"fora"`` -> "fora": a TOML value, else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
-class _Problems:
-    """Collects ``(key_path, message)`` pairs; truthy once one was added."""
+def manifest_json_schema() -> dict:
+    """The manifest as JSON Schema (draft 2020-12), for editors (e.g. taplo, Even Better TOML).
 
-    def __init__(self) -> None:
-        self.items: list[tuple[str, str]] = []
+    Generated from the typed models; checks that need the file system or span tables (local
+    folders, cacher compatibility) happen in ``load_manifest``.
+    """
+    schema = tables.ManifestDocument.model_json_schema(ref_template="#/$defs/{model}")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://github.com/smash-build/smash-build/manifest.schema.json"
+    return schema
 
-    def __bool__(self) -> bool:
-        return bool(self.items)
 
-    def add(self, key: str, message: str) -> None:
-        self.items.append((key, message))
+# --------------------------------------------------------------------------- input bounds
 
-    def bad(self, key: str, value: object, allowed: str, hint: str | None = None) -> None:
-        self.add(key, SettingsError(key, value, allowed, hint).args[0])
+# Strings and comments, whose brackets do not nest anything.
+_NOT_STRUCTURE = re.compile(r'''"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|'[^'\n]*'|#[^\n]*''')
 
-    def settings(self, error: SettingsError) -> None:
-        self.add(error.key, error.args[0])
+
+def _too_big(size: int) -> str:
+    return (f"the manifest is {size} bytes long; at most {MAX_MANIFEST_BYTES} are read "
+            "(a manifest is a few settings: move data such as prompt lists into files)")
+
+
+def _shape_problem(text: str) -> str | None:
+    """Why ``text`` is too large or too deeply nested to hand to the TOML parser, or None."""
+    if len(text) > MAX_MANIFEST_BYTES:
+        return _too_big(len(text))
+    structure = _NOT_STRUCTURE.sub("", text)
+    depth = 0
+    for char in structure:
+        if char in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return (f"the manifest nests arrays or inline tables more than {MAX_NESTING} levels deep; "
+                        "no setting needs more than a few")
+        elif char in "]}":
+            depth -= 1
+    if max((len(line.split("=", 1)[0].split(".")) for line in structure.splitlines()), default=0) > MAX_NESTING:
+        return f"the manifest has a dotted key of more than {MAX_NESTING} parts; no setting is that deep"
+    return None
 
 
 def _syntax_message(error: Exception, text: str) -> str:
@@ -397,43 +385,59 @@ def _syntax_message(error: Exception, text: str) -> str:
     if line is not None:
         lines = text.splitlines()
         if 0 < line <= len(lines):
-            snippet = f"\n      {lines[line - 1]}\n      {' ' * max((col or 1) - 1, 0)}^"
+            # Quote at most 120 characters around the column (a line may be megabytes long).
+            start = max((col or 1) - 60, 0)
+            quoted = lines[line - 1][start:start + 120]
+            snippet = f"\n      {quoted}\n      {' ' * max((col or 1) - 1 - start, 0)}^"
     return f"TOML syntax error at {where}: {message}{snippet}"
 
 
-def _type_name(value: object) -> str:
-    """``"an integer"``, ``"a string"``, ... as TOML calls the value's type."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return f"a {type(value).__name__}"  # TOML dates and times
+# --------------------------------------------------------------------------- problems
 
 
-def _join(key: str, sub: str) -> str:
-    return f"{key}.{sub}" if key else sub
+class _Problems:
+    """Collects ``(key_path, message)`` pairs; truthy once one was added."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def add(self, key: str, message: str) -> None:
+        self.items.append((key, message))
+
+    def bad(self, key: str, value: object, allowed: str, hint: str | None = None) -> None:
+        self.settings(SettingsError(key, value, allowed, hint))
+
+    def settings(self, error: SettingsError, prefix: str = "") -> None:
+        """Every problem ``error`` carries (``error.errors``), keys moved under ``prefix``."""
+        for e in getattr(error, "errors", None) or [error]:
+            e = e.with_prefix(prefix) if prefix else e
+            self.add(e.key, e.args[0])
 
 
 def _section_of(key: str) -> str:
     return f"[{key}]" if key else "the top level"
 
 
-def _check_keys(p: _Problems, section: str, table: dict) -> None:
-    """Report keys of ``table`` that ``section`` does not accept, with the nearest guess."""
-    allowed = _section_keys(section)
+def _keys_of(section: str) -> tuple[str, ...]:
+    model = tables.TABLES[section]
+    return tuple(name for name, f in model.model_fields.items() if not f.exclude)
+
+
+def _known(p: _Problems, section: str, table: dict, at: str | None = None) -> dict:
+    """``table`` without the keys ``section`` does not accept; each is reported with the nearest guess.
+
+    ``at`` is the table's key path when it differs from ``section`` (``build.lora[2]``).
+    """
+    allowed = _keys_of(section)
+    where = tables.TABLES[section].where if at else _section_of(section)
     for key in table:
         if key in allowed:
             continue
-        path = _join(section, key)
-        if section == "publish.hub" and key.lower() in ("token", "hf_token", "api_key"):
+        path = f"{at or section}.{key}" if at or section else key
+        if section == "publish.hub" and key.lower() in _SECRETS:
             # Never echo a secret back, and say where tokens do come from.
             p.add(path, f"{path}: tokens are never read from the manifest; set HF_TOKEN or run "
                         "`hf auth login` (the value was not printed)")
@@ -442,122 +446,31 @@ def _check_keys(p: _Problems, section: str, table: dict) -> None:
         if hint is None and _SYNONYMS.get(key.lower()) in allowed:
             hint = f"did you mean {_SYNONYMS[key.lower()]!r}?"
         if hint is None:
-            homes = [s for s in _SECTION_KEYS if s != section and key in _section_keys(s)]
+            homes = [s for s in tables.TABLES if s != section and key in _keys_of(s)]
             if homes:
                 hint = f"'{key}' belongs in {' or '.join(_section_of(s) for s in homes)}"
-        text = f"{path}: unknown key in {_section_of(section)}; allowed keys: {', '.join(allowed)}"
-        p.add(path, f"{text} ({hint})" if hint else text)
+        p.settings(KeyProblem(path, f": unknown key in {where}; allowed keys: {', '.join(allowed)}", hint))
+    return {k: v for k, v in table.items() if k in allowed}
 
 
-def _section_keys(section: str) -> tuple[str, ...]:
-    return _evaluate_keys() if section == "evaluate" else _SECTION_KEYS[section]
-
-
-def _table(p: _Problems, key: str, value: object) -> dict | None:
+def _table(p: _Problems, section: str, value: object) -> dict | None:
+    """The known keys of a table, or None (reported) when ``value`` is not a table."""
     if isinstance(value, dict):
-        _check_keys(p, key, value)
-        return value
-    p.bad(key, value, f"must be a table ([{key}]), got {_type_name(value)}")
+        return _known(p, section, value)
+    p.bad(section, value, f"must be a table ([{section}]), got {type_name(value)}")
     return None
 
 
-def _bool(p: _Problems, key: str, value: object) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    hint = None
-    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
-        hint = f"write {str(value.lower() in ('true', 'yes', 'on')).lower()} without quotes"
-    p.bad(key, value, f"must be a boolean (true or false), got {_type_name(value)}", hint)
-    return None
-
-
-def _str(p: _Problems, key: str, value: object, what: str = "a string") -> str | None:
-    if not isinstance(value, str):
-        p.bad(key, value, f"must be {what}, got {_type_name(value)}")
+def _typed(p: _Problems, section: str, model: type, table: dict) -> Any:
+    """``table`` validated into ``model``; every problem reported under ``section``; None on a problem."""
+    try:
+        return model.parse(table)
+    except SettingsError as e:
+        p.settings(e, section)
         return None
-    if not value.strip():
-        p.bad(key, value, f"must be {what}, not empty")
-        return None
-    return value
-
-
-def _enum(p: _Problems, key: str, value: object, choices: Iterable[str],
-          aliases: Mapping[str, str] | None = None) -> str | None:
-    choices = tuple(choices)
-    allowed = f"must be one of {', '.join(choices)}"
-    if not isinstance(value, str):
-        p.bad(key, value, f"{allowed}, got {_type_name(value)}")
-        return None
-    if value in choices:
-        return value
-    alias = (aliases or {}).get(value.lower())
-    hint = f"did you mean {alias!r}?" if alias else did_you_mean(value.lower(), choices)
-    p.bad(key, value, allowed, hint)
-    return None
-
-
-def _str_list(p: _Problems, key: str, value: object, what: str = "a list of strings") -> list[str] | None:
-    if not isinstance(value, list):
-        p.bad(key, value, f"must be {what}, got {_type_name(value)}")
-        return None
-    out: list[str] = []
-    ok = True
-    for i, item in enumerate(value):
-        if not isinstance(item, str) or not item.strip():
-            p.bad(f"{key}[{i}]", item, "must be a non-empty string"
-                  + ("" if isinstance(item, str) else f", got {_type_name(item)}"))
-            ok = False
-        elif item in out:
-            p.bad(f"{key}[{i}]", item, "is listed twice")
-            ok = False
-        else:
-            out.append(item)
-    return out if ok else None
-
-
-def _revision(p: _Problems, key: str, value: object) -> str | None:
-    text = _str(p, key, value, "a branch, tag or commit sha")
-    if text is None:
-        return None
-    if _BAD_REF.search(text):
-        p.bad(key, value, "must be a branch, tag or commit sha (no spaces, '..', '~^:?*[\\', "
-                          "and no leading or trailing '/', '.' or '-')")
-        return None
-    return text
-
-
-def _repo_id(p: _Problems, key: str, value: object, what: str = "a Hub repo id 'org/name'") -> str | None:
-    text = _str(p, key, value, what)
-    if text is None:
-        return None
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    problem = None
-    if not _REPO_ID.match(text):
-        problem = True
-    else:
-        try:
-            validate_repo_id(text)
-        except HFValidationError:
-            problem = True
-    if problem:
-        hint = None
-        if text.startswith(("https://", "http://", "hf.co/", "huggingface.co/")):
-            hint = "give the id only, e.g. " + "/".join(text.rstrip("/").split("/")[-2:])
-        p.bad(key, value, f"must be {what}: letters, digits, '-', '_' and '.', one '/', "
-                          "no '--' or '..', at most 96 characters per part", hint)
-        return None
-    return text
 
 
 # --------------------------------------------------------------------------- overrides
-
-
-def _toml_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def _apply_overrides(raw: dict, overrides: Mapping[str, Any], p: _Problems) -> dict:
@@ -591,47 +504,61 @@ def _apply_overrides(raw: dict, overrides: Mapping[str, Any], p: _Problems) -> d
     return raw
 
 
-# --------------------------------------------------------------------------- sections
+# --------------------------------------------------------------------------- the two passes
 
 
 def _validate(raw: dict, base: Path, p: _Problems, path: Path | None, stem: str | None) -> Manifest | None:
-    _check_keys(p, "", raw)
-    if "manifest_version" in raw:
-        version = raw["manifest_version"]
-        if isinstance(version, bool) or version != MANIFEST_VERSION:
-            p.bad("manifest_version", version, f"this smash-build reads manifest_version = {MANIFEST_VERSION}",
-                  "upgrade smash-build" if isinstance(version, int) and not isinstance(version, bool)
-                  and version > MANIFEST_VERSION else None)
+    top = _known(p, "", raw)
+    if "manifest_version" in top:
+        try:
+            tables.check_manifest_version(top["manifest_version"])
+        except SettingsError as e:
+            p.settings(e, "manifest_version")
 
     model = family = None
-    if "model" not in raw:
+    if "model" not in top:
         p.add("model", "model: the [model] table is missing; it needs at least "
                        "source = \"builtin:tiny-flux\", a local diffusers folder or a Hub id \"org/name\"")
     else:
-        model_table = _table(p, "model", raw["model"])
-        if model_table is not None:
-            model, family = _model(p, model_table, base)
-    build = _build(p, _table(p, "build", raw.get("build", {})) or {}, base)
-    runtime = _runtime(p, raw.get("runtime", {}), family)
-    output = _output(p, _table(p, "output", raw.get("output", {})) or {}, base, stem, model)
+        table = _table(p, "model", top["model"])
+        typed = _typed(p, "model", tables.ModelTable, table) if table is not None else None
+        if typed is not None:
+            model, family = _model(p, typed, base)
+
+    build = _build(p, top.get("build", {}), base)
+    runtime = _runtime(p, top.get("runtime", {}), family)
+    output_table = _table(p, "output", top.get("output", {}))
+    output = None
+    if output_table is not None:
+        typed = _typed(p, "output", tables.OutputTable, output_table)
+        output = _output(p, typed, base, stem, model) if typed is not None else None
 
     evaluate = None
-    if "evaluate" in raw:
-        table = _table(p, "evaluate", raw["evaluate"])
+    if "evaluate" in top:
+        table = _table(p, "evaluate", top["evaluate"])
         evaluate = _evaluate(p, table, base) if table is not None else None
 
     publish_hub = publish_image = None
-    if "publish" in raw:
-        publish = _table(p, "publish", raw["publish"])
-        if publish is not None:
-            if "hub" in publish:
-                table = _table(p, "publish.hub", publish["hub"])
-                publish_hub = _publish_hub(p, table) if table is not None else None
-            if "image" in publish:
-                table = _table(p, "publish.image", publish["image"])
-                publish_image = _publish_image(p, table, runtime) if table is not None else None
+    if "publish" in top:
+        publish = _table(p, "publish", top["publish"])
+        for name in ("hub", "image") if publish is not None else ():
+            if name not in publish:
+                continue
+            section = f"publish.{name}"
+            table = _table(p, section, publish[name])
+            typed = _typed(p, section, tables.TABLES[section], table) if table is not None else None
+            if typed is None:
+                continue
+            if name == "hub":
+                publish_hub = typed.model_dump()
+            else:
+                publish_image = typed.model_dump()
+                if typed.include_compile_cache and runtime is not None and runtime.compiler is None:
+                    p.bad(section + ".include_compile_cache", True, "needs a compiler to cache",
+                          "add a [runtime.compiler] table or set include_compile_cache = false")
+                    publish_image = None
 
-    serve = _serve(p, raw["serve"]) if "serve" in raw else None
+    serve = _serve(p, top["serve"]) if "serve" in top else None
 
     if p or model is None or build is None or runtime is None or output is None:
         return None
@@ -639,78 +566,60 @@ def _validate(raw: dict, base: Path, p: _Problems, path: Path | None, stem: str 
                     evaluate=evaluate, publish_hub=publish_hub, publish_image=publish_image, raw=raw, serve=serve)
 
 
-def _model(p: _Problems, t: dict, base: Path):
-    """Validate [model] -> (spec, pipeline family "dit"/"unet").
+def _serve(p: _Problems, value: object) -> dict | None:
+    """[serve] through the Ray deployment's own model (its messages); the normalized dict (defaults filled)."""
+    if not isinstance(value, dict):
+        p.bad("serve", value, "must be a table [serve] with replicas = N or min_replicas/max_replicas, "
+                              f"got {type_name(value)}")
+        return None
+    from smash_runtime.server.scaling import serve_settings_from_dict
+
+    try:
+        return serve_settings_from_dict(value).record()
+    except SettingsError as e:
+        p.settings(e, "serve")
+        return None
+
+
+def _model(p: _Problems, t: tables.ModelTable, base: Path) -> tuple[ModelSpec | None, str | None]:
+    """[model] against the disk -> (spec, pipeline family "dit"/"unet").
 
     The family is known offline for built-in and local sources only (else None).
     """
-    ok = True
-    kind = source = None
-    transformable: tuple[str, ...] | None = None
-    revision = t.get("revision")
-    if "source" not in t:
-        p.add("model.source", "model.source is missing: give \"builtin:tiny-flux\" or \"builtin:tiny-sdxl\", "
-                              "a local diffusers folder, or a Hub repo id \"org/name\"")
+    kind, source, transformable, at_revision = _source(p, t.source, base)
+    ok = kind is not None
+    revision = t.revision
+    if at_revision is not None:
+        if revision is not None:
+            p.bad("model.revision", revision, f"conflicts with the revision {shown(at_revision)} given in "
+                                              "model.source; give it in one place")
+            ok = False
+        revision = at_revision
+    if revision is not None and kind in ("builtin", "local"):
+        p.bad("model.revision", revision, f"applies to Hub sources only; a {kind} source has no revisions",
+              "remove model.revision")
         ok = False
-    else:
-        value = t["source"]
-        text = _str(p, "model.source", value,
-                    "\"builtin:<name>\", a local diffusers folder or a Hub repo id \"org/name\"")
-        if text is None:
-            ok = False
-        else:
-            kind, source, transformable, at_revision = _source(p, text, base)
-            ok = kind is not None
-            if at_revision is not None:
-                if revision is not None:
-                    p.bad("model.revision", revision, f"conflicts with the revision {at_revision!r} given in "
-                                                      f"model.source; give it in one place")
-                    ok = False
-                revision = at_revision
-
-    if revision is not None:
-        if kind in ("builtin", "local"):
-            p.bad("model.revision", revision, f"applies to Hub sources only; a {kind} source has no revisions",
-                  "remove model.revision")
-            ok = False
-            revision = None
-        elif _revision(p, "model.revision", revision) is None:
-            ok = False
-    elif kind == "hub":
+    elif revision is None and kind == "hub":
         revision = "main"
 
-    dtype = DEFAULT_DTYPE
-    if "dtype" in t:
-        dtype = _enum(p, "model.dtype", t["dtype"], DTYPES, _DTYPE_ALIASES)
-        ok &= dtype is not None
+    components = t.components
+    if components is not None and transformable is not None:
+        for i, name in enumerate(components):
+            if name not in transformable:
+                p.bad(f"model.components[{i}]", name, "is not a component with weights of this source; it has "
+                      + ", ".join(transformable), did_you_mean(name, transformable))
+                ok = False
+    elif components is not None:
+        for i, name in enumerate(components):
+            if not name.isidentifier():
+                p.bad(f"model.components[{i}]", name, "must be a component folder name such as transformer, "
+                                                      "unet, vae or text_encoder")
+                ok = False
 
-    components = None
-    if "components" in t:
-        items = _str_list(p, "model.components", t["components"], "a list of component names")
-        if items is not None and not items:
-            p.bad("model.components", [], "must name at least one component",
-                  "leave the key out to transform the denoiser (transformer or unet)")
-            items = None
-        if items is not None and transformable is not None:
-            for i, name in enumerate(items):
-                if name not in transformable:
-                    hint = did_you_mean(name, transformable)
-                    p.bad(f"model.components[{i}]", name,
-                          f"is not a component with weights of this source; it has {', '.join(transformable)}", hint)
-                    items = None
-        elif items is not None:
-            for i, name in enumerate(items):
-                if not name.isidentifier():
-                    p.bad(f"model.components[{i}]", name, "must be a component folder name such as transformer, "
-                                                          "unet, vae or text_encoder")
-                    items = None
-        ok &= items is not None
-        components = tuple(items) if items is not None else None
-
-    family = next((_FAMILY_OF_DENOISER[c] for c in transformable or () if c in _FAMILY_OF_DENOISER), None)
-    if not ok or source is None or dtype is None:
+    family = family_of(transformable or ())
+    if not ok:
         return None, family
-    return ModelSpec(source=source, revision=revision, dtype=dtype, components=components), family
+    return ModelSpec(source=source, revision=revision, dtype=t.dtype, components=components), family
 
 
 def _source(p: _Problems, text: str, base: Path):
@@ -720,23 +629,24 @@ def _source(p: _Problems, text: str, base: Path):
     ``org/name@revision``), all None on a problem.
     """
     key = "model.source"
+    nothing = None, None, None, None
     if text.startswith(BUILTIN_PREFIX):
         name = text[len(BUILTIN_PREFIX):]
         if name not in BUILTIN_MODELS:
             p.bad(key, text, "built-in models are " + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS),
                   did_you_mean(name, BUILTIN_MODELS) and did_you_mean(
                       BUILTIN_PREFIX + name, [BUILTIN_PREFIX + n for n in BUILTIN_MODELS]))
-            return None, None, None, None
+            return nothing
         return "builtin", text, BUILTIN_MODELS[name], None
     if text in BUILTIN_MODELS:
         p.bad(key, text, "is neither a local folder nor a Hub id", f"did you mean '{BUILTIN_PREFIX}{text}'?")
-        return None, None, None, None
+        return nothing
     url = re.match(r"^(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/(.*)$", text)
     if url or "://" in text:
         parts = url.group(1).strip("/").split("/") if url else []
         hint = f"give the id only, e.g. {parts[0]}/{parts[1]}" if len(parts) >= 2 else None
         p.bad(key, text, "must be a Hub repo id \"org/name\", not a URL", hint)
-        return None, None, None, None
+        return nothing
 
     folder = Path(os.path.expanduser(text))
     folder = folder if folder.is_absolute() else base / folder
@@ -746,11 +656,17 @@ def _source(p: _Problems, text: str, base: Path):
     repo, _, at_revision = text.partition("@")
     if "@" in text and not at_revision:
         p.bad(key, text, "a Hub source with a revision looks like org/name@revision")
-        return None, None, None, None
-    if _repo_id(p, key, repo, "a Hub repo id \"org/name\" (or an existing local folder)") is None:
-        return None, None, None, None
-    if at_revision and _revision(p, key, at_revision) is None:
-        return None, None, None, None
+        return nothing
+    problem = repo_id_problem(repo, "a Hub repo id \"org/name\" (or an existing local folder)")
+    if problem is not None:
+        p.settings(problem, key)
+        return nothing
+    if at_revision:
+        try:
+            tables.check_ref(at_revision)
+        except SettingsError as e:
+            p.settings(e, key)
+            return nothing
     return "hub", repo, None, at_revision or None
 
 
@@ -762,33 +678,32 @@ def _looks_local(text: str) -> bool:
 
 def _local_source(p: _Problems, text: str, folder: Path):
     key = "model.source"
-    shown = f"{text} (resolved to {folder})" if str(folder) != text else text
+    nothing = None, None, None, None
+    where = f"{text} (resolved to {folder})" if str(folder) != text else text
+
+    def bad(message: str):
+        p.add(key, f"{key} = {shown(text)}: {message}")
+        return nothing
+
     if not folder.exists():
-        p.add(key, f"{key} = {text!r}: no such local folder ({folder}); a local source is a diffusers "
-                   "pipeline folder (relative paths are relative to the manifest's folder)")
-        return None, None, None, None
+        return bad(f"no such local folder ({folder}); a local source is a diffusers pipeline folder (relative "
+                   "paths are relative to the manifest's folder)")
     if not folder.is_dir():
-        p.add(key, f"{key} = {text!r}: {shown} is a file; a local source is a diffusers pipeline folder")
-        return None, None, None, None
+        return bad(f"{where} is a file; a local source is a diffusers pipeline folder")
     if not os.access(folder, os.R_OK | os.X_OK):
-        p.add(key, f"{key} = {text!r}: the folder {folder} is not readable")
-        return None, None, None, None
+        return bad(f"the folder {folder} is not readable")
     index = folder / "model_index.json"
     if not index.exists():
-        p.add(key, f"{key} = {text!r}: {folder} has no model_index.json, so it is not a diffusers pipeline "
-                   "folder (save one with pipe.save_pretrained(folder))")
-        return None, None, None, None
+        return bad(f"{folder} has no model_index.json, so it is not a diffusers pipeline folder (save one with "
+                   "pipe.save_pretrained(folder))")
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
-        p.add(key, f"{key} = {text!r}: cannot read {index}: {getattr(e, 'strerror', None) or e}")
-        return None, None, None, None
+        return bad(f"cannot read {index}: {getattr(e, 'strerror', None) or e}")
     except json.JSONDecodeError as e:
-        p.add(key, f"{key} = {text!r}: {index} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})")
-        return None, None, None, None
+        return bad(f"{index} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})")
     if not isinstance(data, dict) or not isinstance(data.get("_class_name"), str):
-        p.add(key, f"{key} = {text!r}: {index} has no \"_class_name\"; it is not a diffusers model_index.json")
-        return None, None, None, None
+        return bad(f"{index} has no \"_class_name\"; it is not a diffusers model_index.json")
     transformable = tuple(
         name for name, entry in data.items()
         if not name.startswith("_") and isinstance(entry, list) and len(entry) == 2
@@ -797,54 +712,22 @@ def _local_source(p: _Problems, text: str, folder: Path):
     return "local", str(folder.resolve()), transformable, None
 
 
-def _build(p: _Problems, t: dict, base: Path) -> BuildSpec | None:
-    ok = True
-    fuse = False
-    if "fuse_qkv" in t:
-        fuse = _bool(p, "build.fuse_qkv", t["fuse_qkv"])
-        ok &= fuse is not None
-
-    streaming = None
-    if "streaming" in t:
-        value = t["streaming"]
-        if value != "auto":
-            if isinstance(value, str):
-                p.bad("build.streaming", value, "must be true, false or \"auto\"",
-                      did_you_mean(value, ["auto"]))
-                streaming, ok = None, False
-            else:
-                streaming = _bool(p, "build.streaming", value)
-                ok &= streaming is not None
-
-    quantize = None
-    if "quantize" in t:
-        value = t["quantize"]
-        if isinstance(value, str) and value != "none":
-            value = {"method": value}  # quantize = "int8wo" shorthand
-        if value == "none":
-            pass
-        elif isinstance(value, dict):
-            quantize = _quantize(p, value)
-            ok &= quantize is not None
-        else:
-            p.bad("build.quantize", value, "must be a method name (\"int8wo\"), \"none\" or a table "
-                                           "{ method = ..., exclude = [...] }, got " + _type_name(value))
-            ok = False
-
-    lora: tuple[LoraSpec, ...] | None = ()
-    if "lora" in t:
-        lora = _loras(p, t["lora"], base)
-        ok &= lora is not None
-        if lora and streaming:
-            p.bad("build.streaming", True, "cannot be combined with build.lora: the streaming build does not "
-                                           "fuse LoRAs", "set build.streaming = false or leave it out")
-            ok = False
-    return BuildSpec(fuse_qkv=fuse, quantize=quantize, streaming=streaming, lora=lora or ()) if ok else None
-
-
-# diffusers' own default file name for a LoRA in a folder or Hub repo (load_lora_weights).
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-_LORA_FORM = "{ source = \"file, folder or org/name\", weight_name = \"...\", scale = 1.0 }"
+def _build(p: _Problems, value: object, base: Path) -> BuildSpec | None:
+    table = _table(p, "build", value)
+    if table is None:
+        return None
+    if isinstance(table.get("quantize"), dict):
+        table = {**table, "quantize": _known(p, "build.quantize", table["quantize"])}
+    loras = _loras(p, table.pop("lora", []), base)
+    typed = _typed(p, "build", tables.BuildTable, table)
+    if typed is None or loras is None:
+        return None
+    if loras and typed.streaming:
+        p.bad("build.streaming", True, "cannot be combined with build.lora: the streaming build does not fuse LoRAs",
+              "set build.streaming = false or leave it out")
+        return None
+    quantize = typed.quantize and QuantizeSpec(method=typed.quantize.method, exclude=typed.quantize.exclude)
+    return BuildSpec(fuse_qkv=typed.fuse_qkv, quantize=quantize, streaming=typed.streaming, lora=loras)
 
 
 def _loras(p: _Problems, value: object, base: Path) -> tuple[LoraSpec, ...] | None:
@@ -852,58 +735,36 @@ def _loras(p: _Problems, value: object, base: Path) -> tuple[LoraSpec, ...] | No
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
-        p.bad("build.lora", value, f"must be a list of tables [{_LORA_FORM}, ...], got {_type_name(value)}")
+        p.bad("build.lora", value, f"must be a list of tables [{tables.LORA_FORM}, ...], got {type_name(value)}")
         return None
     start = len(p.items)
-    specs = [_lora(p, f"build.lora[{i}]", entry, base) for i, entry in enumerate(value)]
-    return tuple(s for s in specs if s is not None) if len(p.items) == start else None
+    specs = []
+    for i, entry in enumerate(value):
+        key = f"build.lora[{i}]"
+        if not isinstance(entry, dict):
+            p.bad(key, entry, f"must be a table {tables.LORA_FORM}, got {type_name(entry)}")
+            continue
+        typed = _typed(p, key, tables.LoraTable, _known(p, "build.lora", entry, at=key))
+        if typed is not None:
+            specs.append(_lora(p, key, typed, base))
+    return tuple(specs) if len(p.items) == start else None
 
 
-def _lora(p: _Problems, key: str, t: object, base: Path) -> LoraSpec | None:
-    if not isinstance(t, dict):
-        p.bad(key, t, f"must be a table {_LORA_FORM}, got {_type_name(t)}")
-        return None
+def _lora(p: _Problems, key: str, t: tables.LoraTable, base: Path) -> LoraSpec | None:
+    """A LoRA entry against the disk: a .safetensors file, a folder holding one, or a Hub repo id."""
     start = len(p.items)
-    allowed = _SECTION_KEYS["build.lora"]
-    for name in t:
-        if name not in allowed:
-            hint = did_you_mean(name, allowed)
-            p.add(f"{key}.{name}", f"{key}.{name}: unknown key in a LoRA table; allowed keys: {', '.join(allowed)}"
-                  + (f" ({hint})" if hint else ""))
-    scale = 1.0
-    if "scale" in t:
-        value = t["scale"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            p.bad(f"{key}.scale", value, "must be a finite number: the LoRA's strength (1.0 = as trained)")
-        else:
-            scale = float(value)
-    weight_name = None
-    if "weight_name" in t:
-        weight_name = _str(p, f"{key}.weight_name", t["weight_name"], "a .safetensors file name")
-        if weight_name is not None and (not weight_name.endswith(".safetensors") or weight_name.startswith("/")
-                                        or ".." in weight_name.split("/")):
-            p.bad(f"{key}.weight_name", weight_name, "must be a relative .safetensors file name inside the "
-                                                     "folder or Hub repo (LoRAs load from safetensors only)")
-            weight_name = None
-    if "source" not in t:
-        p.add(f"{key}.source", f"{key}.source is missing: a .safetensors file, a folder holding one, "
-                               "or a Hub repo id \"org/name\"")
-        return None
-    source = _str(p, f"{key}.source", t["source"], "a .safetensors file, a folder or a Hub repo id \"org/name\"")
-    if source is None:
-        return None
+    source, weight_name, revision, file = t.source, t.weight_name, None, None
     path = _resolve(base, source)
-    file = revision = None
     if path.is_file():
         if weight_name is not None and weight_name != path.name:
-            p.bad(f"{key}.weight_name", weight_name, f"applies to folder and Hub sources; {source!r} is a file",
+            p.bad(f"{key}.weight_name", weight_name, f"applies to folder and Hub sources; {shown(source)} is a file",
                   "remove weight_name")
         if path.suffix != ".safetensors":
             p.bad(f"{key}.source", source, "must be a .safetensors file (LoRAs load from safetensors only, "
                                            "never from pickled .bin/.pt files)")
         file, weight_name = path, path.name
     elif path.is_dir():
-        weight_name = weight_name or LORA_WEIGHT_NAME
+        weight_name = weight_name or tables.LORA_WEIGHT_NAME
         file = path / weight_name
         if not file.is_file():
             found = sorted(f.relative_to(path).as_posix() for f in path.rglob("*.safetensors"))[:10]
@@ -915,237 +776,83 @@ def _lora(p: _Problems, key: str, t: object, base: Path) -> LoraSpec | None:
         p.bad(f"{key}.source", source, "must be a Hub repo id \"org/name\", not a URL",
               f"give the id only, e.g. {parts[-2]}/{parts[-1]}" if len(parts) >= 3 else None)
     elif _looks_local(source) or source.endswith(".safetensors"):
-        p.add(f"{key}.source", f"{key}.source = {source!r}: no such file or folder ({path}); a local LoRA is a "
+        p.add(f"{key}.source", f"{key}.source = {shown(source)}: no such file or folder ({path}); a local LoRA is a "
                                ".safetensors file or a folder holding one (relative to the manifest's folder)")
     else:
         repo, _, at = source.partition("@")
-        if _repo_id(p, f"{key}.source", repo, "a Hub repo id \"org/name\" (or an existing local file)") is not None:
-            if at and "revision" in t:
-                p.bad(f"{key}.revision", t["revision"], f"conflicts with the revision {at!r} given in the source; "
-                                                        "give it in one place")
-            revision = _revision(p, f"{key}.source" if at else f"{key}.revision", at or t.get("revision", "main"))
-            source, weight_name = repo, weight_name or LORA_WEIGHT_NAME
-    if "revision" in t and file is not None:
-        p.bad(f"{key}.revision", t["revision"], "applies to Hub sources only", "remove it")
+        problem = repo_id_problem(repo, "a Hub repo id \"org/name\" (or an existing local file)")
+        if problem is not None:
+            p.settings(problem, f"{key}.source")
+            return None
+        if at and t.revision is not None:
+            p.bad(f"{key}.revision", t.revision, f"conflicts with the revision {shown(at)} given in the source; "
+                                                 "give it in one place")
+            return None
+        try:
+            revision = tables.check_ref(at) if at else (t.revision or "main")
+        except SettingsError as e:
+            p.settings(e, f"{key}.source")
+            return None
+        source, weight_name = repo, weight_name or tables.LORA_WEIGHT_NAME
+    if t.revision is not None and file is not None:
+        p.bad(f"{key}.revision", t.revision, "applies to Hub sources only", "remove it")
     if len(p.items) > start or weight_name is None:
         return None
-    return LoraSpec(source=source if file is None else str(t["source"]), weight_name=weight_name, scale=scale,
+    return LoraSpec(source=source if file is None else t.source, weight_name=weight_name, scale=t.scale,
                     revision=revision, file=file)
 
 
-def _quantize(p: _Problems, t: dict) -> QuantizeSpec | None:
-    _check_keys(p, "build.quantize", t)
-    if "method" not in t:
-        p.add("build.quantize.method", "build.quantize.method is missing: one of " + ", ".join(QUANTIZE_METHODS))
-        return None
-    method = _enum(p, "build.quantize.method", t["method"], QUANTIZE_METHODS)
-    exclude: tuple[str, ...] | None = ()
-    if "exclude" in t:
-        exclude = _exclude(p, t["exclude"])
-    if method is None or exclude is None:
-        return None
-    return QuantizeSpec(method=method, exclude=exclude)
-
-
-def _exclude(p: _Problems, value: object) -> tuple[str, ...] | None:
-    key = "build.quantize.exclude"
-    if isinstance(value, str):
-        value = [value]
-    items = _str_list(p, key, value, "a list of presets (" + ", ".join(EXCLUDE_PRESETS) + ") and module-name globs")
-    if items is None:
-        return None
-    ok = True
-    for i, entry in enumerate(items):
-        if entry in EXCLUDE_PRESETS:
-            if entry == "none" and len(items) > 1:
-                p.bad(f"{key}[{i}]", entry, "'none' cannot be combined with other exclusions")
-                ok = False
-            continue
-        problem = _glob_problem(entry)
-        if problem is None and not any(c in entry for c in "*?[") and "." not in entry:
-            # A bare word close to a preset is almost surely a typo: as a glob it would only
-            # match a top-level module of exactly that name.
-            hint = did_you_mean(entry, EXCLUDE_PRESETS)
-            if hint:
-                p.bad(f"{key}[{i}]", entry, "is not a preset (" + ", ".join(EXCLUDE_PRESETS) + ")",
-                      f"{hint} To match module names containing it, write '*{entry}*'")
-                ok = False
-            continue
-        if problem:
-            p.bad(f"{key}[{i}]", entry, f"is not a valid module-name glob: {problem}",
-                  "globs use fnmatch syntax (*, ?, [abc], [!abc]) over names such as "
-                  "'transformer_blocks.0.attn.to_out.0'")
-            ok = False
-    return tuple(items) if ok else None
-
-
-def _glob_problem(glob: str) -> str | None:
-    """Why ``glob`` is not a usable fnmatch pattern over module names, or None."""
-    if not _GLOB_CHARS.match(glob):
-        bad = sorted({c for c in glob if not re.match(r"[A-Za-z0-9_.*?\[\]!-]", c)})
-        return f"module names hold only letters, digits, '_' and '.', not {' '.join(map(repr, bad))}"
-    i, n = 0, len(glob)
-    while i < n:
-        c = glob[i]
-        if c == "[":
-            j = i + 1
-            if j < n and glob[j] == "!":
-                j += 1
-            if j < n and glob[j] == "]":  # fnmatch: a leading ']' is literal
-                j += 1
-            while j < n and glob[j] != "]":
-                j += 1
-            if j >= n:
-                return f"'[' at position {i} opens a character class that is not closed"
-            i = j + 1
-            continue
-        if c == "]":
-            return f"']' at position {i} closes no character class"
-        if c == "!":
-            return f"'!' at position {i} is only meaningful right after '['"
-        i += 1
-    if ".." in glob or glob.startswith(".") or glob.endswith("."):
-        return "module names have no empty parts (no leading, trailing or doubled '.')"
-    return None
-
-
 def _runtime(p: _Problems, value: object, family: str | None) -> RuntimeSpec | None:
-    t = _table(p, "runtime", value)
-    if t is None:
+    table = _table(p, "runtime", value)
+    typed = _typed(p, "runtime", tables.RuntimeTable, table) if table is not None else None
+    if typed is None:
         return None
-    ok = True
-    cacher = compiler = None
-    if "cacher" in t:
-        cacher = _runtime_part(p, "runtime.cacher", t["cacher"], "cachers")
-        ok &= cacher is not False
-    if "compiler" in t:
-        compiler = _runtime_part(p, "runtime.compiler", t["compiler"], "compilers")
-        ok &= compiler is not False
-    warmup = _warmup(p, t.get("warmup", {}))
-    ok &= warmup is not None
-    if not ok:
-        return None
-    if cacher and family:
-        ok = _check_cacher_fits(p, cacher, compiler or None, family)
-    return RuntimeSpec(cacher=cacher or None, compiler=compiler or None, warmup=warmup) if ok else None
-
-
-def _check_cacher_fits(p: _Problems, cacher: dict, compiler: dict | None, family: str) -> bool:
-    """The runtime's cacher x pipeline family x compiler table, where the family is known offline.
-
-    Hub sources are checked by the builder once their model_index.json is downloaded.
-    """
-    from smash_runtime.cachers import cacher_config_from_dict, check_cacher_compatibility
-
-    try:
-        check_cacher_compatibility(cacher_config_from_dict(cacher), family, compiler)
-    except SettingsError as e:
-        _settings_problems(p, e, "runtime.cacher")
-        return False
-    return True
-
-
-def _runtime_part(p: _Problems, key: str, value: object, module: str) -> dict | None | bool:
-    """Normalize [runtime.cacher] / [runtime.compiler] through the runtime's own parser.
-
-    Returns the normalized dict, None when disabled, False on a problem.
-    """
-    if isinstance(value, str):
-        if value == "none":
+    if typed.cacher is not None and family:
+        try:
+            runtime_settings.check_cacher_compatibility(typed.cacher, family, typed.compiler)
+        except SettingsError as e:
+            p.settings(e, "runtime.cacher")
             return None
-        value = {"name": value}  # cacher = "fora" shorthand
-    if not isinstance(value, dict):
-        p.bad(key, value, f"must be a table [{key}] with a name, a name string, or \"none\"; "
-                          f"got {_type_name(value)}")
-        return False
-    if value.get("name") == "none":
-        if len(value) > 1:
-            p.bad(f"{key}.name", "none", "takes no other keys")
-            return False
-        return None
-    mod = _runtime_module(module)
-    parse = mod.cacher_config_from_dict if module == "cachers" else mod.compiler_config_from_dict
-    try:
-        return dict(mod.config_to_dict(parse(dict(value))))
-    except SettingsError as e:
-        _settings_problems(p, e, key)
-        return False
+    as_dict = runtime_settings.settings_to_dict
+    return RuntimeSpec(cacher=typed.cacher and as_dict(typed.cacher), compiler=typed.compiler and as_dict(typed.compiler),
+                       warmup=as_dict(typed.warmup))
 
 
-def _warmup(p: _Problems, value: object) -> dict | None:
-    if not isinstance(value, dict):
-        p.bad("runtime.warmup", value, "must be a table [runtime.warmup] with shapes = [{ height, width, "
-                                       f"steps, batch }}, ...], got {_type_name(value)}")
-        return None
-    mod = _runtime_module("compilers")
-    try:
-        return dict(mod.config_to_dict(mod.warmup_config_from_dict(dict(value))))
-    except SettingsError as e:
-        _settings_problems(p, e, "runtime.warmup")
-        return None
+def _resolve(base: Path, text: str) -> Path:
+    path = Path(os.path.expanduser(text))
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
 
 
-def _serve(p: _Problems, value: object) -> dict | None:
-    """[serve] through the runtime's own model; the normalized dict (defaults filled)."""
-    if not isinstance(value, dict):
-        p.bad("serve", value, f"must be a table [serve] with replicas = N or min_replicas/max_replicas, "
-                              f"got {_type_name(value)}")
-        return None
-    from smash_runtime.server.scaling import serve_settings_from_dict
-
-    try:
-        return serve_settings_from_dict(value).record()
-    except SettingsError as e:
-        _settings_problems(p, e, "serve")
-        return None
-
-
-def _settings_problems(p: _Problems, error: SettingsError, prefix: str) -> None:
-    # A runtime parser may report several problems at once (a SettingsError carrying
-    # ``errors``); take them all.
-    for e in getattr(error, "errors", None) or [error]:
-        p.settings(e.with_prefix(prefix))
-
-
-def _runtime_module(name: str):
-    import importlib
-
-    return importlib.import_module(f"smash_runtime.{name}")
-
-
-def _output(p: _Problems, t: dict, base: Path, stem: str | None, model: ModelSpec | None) -> OutputSpec | None:
-    if "dir" in t:
-        text = _str(p, "output.dir", t["dir"], "a folder path")
-        if text is None:
-            return None
-        folder = Path(os.path.expanduser(text))
+def _output(p: _Problems, t: tables.OutputTable, base: Path, stem: str | None,
+            model: ModelSpec | None) -> OutputSpec | None:
+    if t.dir is not None:
+        folder = Path(os.path.expanduser(t.dir))
     else:
         name = stem or (model.builtin_name if model and model.builtin_name else None) or (
             model.source.rstrip("/").split("/")[-1] if model else "artifact")
         folder = Path("dist") / name
-    folder = folder if folder.is_absolute() else base / folder
-    folder = Path(os.path.normpath(folder))
+    folder = Path(os.path.normpath(folder if folder.is_absolute() else base / folder))
+    written = shown(t.dir if t.dir is not None else str(folder))
+
+    def bad(message: str) -> None:
+        p.add("output.dir", f"output.dir = {written}: {message}")
+
     if folder.exists() and not folder.is_dir():
-        p.add("output.dir", f"output.dir = {str(t.get('dir', folder))!r}: {folder} exists and is a file; "
-                            "the artifact is a folder")
-        return None
+        return bad(f"{folder} exists and is a file; the artifact is a folder")
     # The build writes a temporary folder beside the target and renames it: the nearest
     # existing ancestor must be a writable folder.
     ancestor = folder.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        p.add("output.dir", f"output.dir = {str(t.get('dir', folder))!r}: {ancestor} is a file, so {folder} "
-                            "cannot be created")
-        return None
+        return bad(f"{ancestor} is a file, so {folder} cannot be created")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        p.add("output.dir", f"output.dir = {str(t.get('dir', folder))!r}: {ancestor} is not writable")
-        return None
+        return bad(f"{ancestor} is not writable")
     return OutputSpec(dir=folder)
 
 
-def _evaluate(p: _Problems, t: dict, base: Path) -> dict | None:
-    """[evaluate] through the evaluation's own parser, plus the checks that need the disk.
+def _evaluate(p: _Problems, table: dict, base: Path) -> dict | None:
+    """[evaluate] through the evaluation's settings model, plus the checks that need the disk.
 
     Returns the normalized table (every default filled, as ``EvalSettings.record()``), which
     ``smash_build.evaluate.settings.settings_from_dict`` reads back unchanged.
@@ -1154,7 +861,7 @@ def _evaluate(p: _Problems, t: dict, base: Path) -> dict | None:
     from .evaluate.settings import settings_from_dict
 
     start = len(p.items)
-    known = {k: v for k, v in t.items() if k in _evaluate_keys()}
+    known = dict(table)
     if "prompts" in known:
         prompts = _prompts(p, known["prompts"], base)
         if prompts is None:
@@ -1162,7 +869,11 @@ def _evaluate(p: _Problems, t: dict, base: Path) -> dict | None:
         else:
             known["prompts"] = prompts
     if "weights_dir" in known:
-        text = _str(p, "evaluate.weights_dir", known["weights_dir"], "a folder path")
+        try:
+            text = tables.text_rule("a folder path")(known["weights_dir"])
+        except SettingsError as e:
+            p.settings(e, "evaluate.weights_dir")
+            text = None
         if text is not None:
             folder = _resolve(base, text)
             if not folder.is_dir():
@@ -1187,29 +898,27 @@ def _evaluate(p: _Problems, t: dict, base: Path) -> dict | None:
     return settings.record() if len(p.items) == start else None
 
 
-def _evaluate_keys() -> tuple[str, ...]:
-    from .evaluate.settings import _FIELDS
-
-    return tuple(k for k in _FIELDS if k != "base_dir")  # base_dir is the manifest's folder, not a key
-
-
-def _resolve(base: Path, text: str) -> Path:
-    path = Path(os.path.expanduser(text))
-    return Path(os.path.normpath(path if path.is_absolute() else base / path))
-
-
 def _prompts(p: _Problems, value: object, base: Path) -> str | None:
     """A prompt set: "builtin", a prompt file, or a Hub dataset (hf://datasets/ORG/NAME or ORG/NAME)."""
     from .evaluate.prompts import BUILTIN, FILE_SUFFIXES, HF_DATASET_PREFIX
 
     key = "evaluate.prompts"
-    text = _str(p, key, value, f"\"{BUILTIN}\", a prompt file or a Hub dataset id")
-    if text is None or text == BUILTIN:
+    try:
+        text = tables.text_rule(f"\"{BUILTIN}\", a prompt file or a Hub dataset id")(value)
+    except SettingsError as e:
+        p.settings(e, key)
+        return None
+    if text == BUILTIN:
         return text
     file = _resolve(base, text)
-    if text.startswith(HF_DATASET_PREFIX):
-        repo = _repo_id(p, key, text[len(HF_DATASET_PREFIX):], "hf://datasets/ORG/NAME")
-        return text if repo else None
+    if text.startswith(HF_DATASET_PREFIX) or (not file.exists() and file.suffix.lower() not in FILE_SUFFIXES
+                                                and not text.startswith((".", "/", "~")) and text.count("/") == 1):
+        repo = text[len(HF_DATASET_PREFIX):] if text.startswith(HF_DATASET_PREFIX) else text
+        problem = repo_id_problem(repo, "hf://datasets/ORG/NAME" if repo != text else "a Hub dataset id \"org/name\"")
+        if problem is not None:
+            p.settings(problem, key)
+            return None
+        return text
     if file.exists() or file.suffix.lower() in FILE_SUFFIXES or text.startswith((".", "/", "~")):
         if not file.is_file():
             p.bad(key, text, f"the prompt file {file} " + ("is a folder" if file.exists() else "does not exist"))
@@ -1218,232 +927,6 @@ def _prompts(p: _Problems, value: object, base: Path) -> str | None:
             p.bad(key, text, f"the prompt file {file} is not readable")
             return None
         return str(file)
-    if text.count("/") == 1:
-        return text if _repo_id(p, key, text, "a Hub dataset id \"org/name\"") else None
     p.bad(key, text, f"must be \"{BUILTIN}\", a prompt file (" + ", ".join(FILE_SUFFIXES)
           + ") or a Hub dataset hf://datasets/ORG/NAME", did_you_mean(text, [BUILTIN]))
     return None
-
-
-def _publish_hub(p: _Problems, t: dict) -> dict | None:
-    k = "publish.hub."
-    start = len(p.items)
-    out: dict[str, Any] = {"repo": None, "private": False, "revision": "main", "commit_message": None}
-    if "repo" not in t:
-        p.add(k + "repo", f"{k}repo is missing: the Hub repo to publish to, \"org/name\"")
-    else:
-        out["repo"] = _repo_id(p, k + "repo", t["repo"])
-    if "private" in t:
-        out["private"] = _bool(p, k + "private", t["private"])
-    if "revision" in t:
-        out["revision"] = _revision(p, k + "revision", t["revision"])
-    if "commit_message" in t:
-        message = _str(p, k + "commit_message", t["commit_message"], "a one-line commit message")
-        if message is not None and "\n" in message.strip():
-            p.bad(k + "commit_message", message, "must be one line (the Hub shows it as the commit title)")
-        out["commit_message"] = message
-    return out if len(p.items) == start else None
-
-
-def _publish_image(p: _Problems, t: dict, runtime: RuntimeSpec | None) -> dict | None:
-    k = "publish.image."
-    start = len(p.items)
-    out: dict[str, Any] = {"tag": None, "base": None, "push": False, "include_compile_cache": False}
-    for name, required in (("tag", True), ("base", False)):
-        if name not in t:
-            if required:
-                p.add(k + name, f"{k}{name} is missing: the image reference to build, e.g. \"registry/name:tag\"")
-            continue
-        ref = _str(p, k + name, t[name], "an image reference such as \"registry.example.com/org/name:tag\"")
-        if ref is not None and not _IMAGE_REF.match(ref):
-            hint = "repository names are lowercase" if _IMAGE_REF.match(ref.lower()) else None
-            p.bad(k + name, ref, "must be an image reference [registry[:port]/]name[:tag][@sha256:digest] "
-                                 "(lowercase name parts, tag of at most 128 of [A-Za-z0-9_.-])", hint)
-            ref = None
-        out[name] = ref
-    for name in ("push", "include_compile_cache"):
-        if name in t:
-            out[name] = _bool(p, k + name, t[name])
-    if out["include_compile_cache"] and runtime is not None and runtime.compiler is None:
-        p.bad(k + "include_compile_cache", True, "needs a compiler to cache",
-              "add a [runtime.compiler] table or set include_compile_cache = false")
-    return out if len(p.items) == start else None
-
-
-# --------------------------------------------------------------------------- JSON Schema
-
-
-def manifest_json_schema() -> dict:
-    """The manifest as JSON Schema (draft 2020-12), for editors (e.g. taplo, Even Better TOML).
-
-    Structural rules only; checks that need the file system or the runtime (local folders,
-    cacher compatibility) happen in ``load_manifest``.
-    """
-    string = {"type": "string", "minLength": 1}
-    boolean = {"type": "boolean"}
-
-    def table(props: dict, required: tuple[str, ...] = (), description: str | None = None) -> dict:
-        schema: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": False}
-        if required:
-            schema["required"] = list(required)
-        if description:
-            schema["description"] = description
-        return schema
-
-    quantize_table = table({
-        "method": {"enum": list(QUANTIZE_METHODS), "description": "torchao quantization method"},
-        "exclude": {
-            "description": "presets (none, norm, embedding, norm+embedding) and fnmatch globs over module names",
-            "anyOf": [string, {"type": "array", "items": string, "uniqueItems": True}],
-            "examples": [["norm", "embedding"], ["*proj_out*"]],
-        },
-    }, ("method",))
-
-    schema = table({
-        "manifest_version": {"const": MANIFEST_VERSION},
-        "model": table({
-            "source": {**string, "description": "builtin:tiny-flux, builtin:tiny-sdxl, a local diffusers folder "
-                                                "(relative to this file) or a Hub repo id org/name[@revision]",
-                       "examples": [BUILTIN_PREFIX + n for n in BUILTIN_MODELS] + ["black-forest-labs/FLUX.1-dev"]},
-            "revision": {**string, "default": "main", "description": "Hub branch, tag or commit sha"},
-            "dtype": {"enum": list(DTYPES), "default": DEFAULT_DTYPE},
-            "components": {"type": "array", "items": string, "minItems": 1, "uniqueItems": True,
-                           "description": "components to transform; default: the denoiser (transformer or unet)"},
-        }, ("source",), "the source pipeline"),
-        "build": table({
-            "fuse_qkv": {**boolean, "default": False},
-            "quantize": {"anyOf": [{"enum": [*QUANTIZE_METHODS, "none"]}, quantize_table]},
-            "streaming": {"anyOf": [boolean, {"const": "auto"}], "default": "auto",
-                          "description": "build one block at a time with bounded memory; auto = by size"},
-            "lora": {"type": "array", "description": "LoRAs fused into the weights, in order, before QKV fusion",
-                     "items": table({
-                         "source": {**string, "description": "a .safetensors file, a folder (relative to this "
-                                                             "file) or a Hub repo id org/name[@revision]"},
-                         "weight_name": {"type": "string", "pattern": r"\.safetensors$",
-                                         "default": LORA_WEIGHT_NAME},
-                         "scale": {"type": "number", "default": 1.0},
-                         "revision": {**string, "default": "main", "description": "Hub sources only"},
-                     }, ("source",))},
-        }, description="transforms baked into the weights (LoRA, fuse, then quantize)"),
-        "runtime": table({
-            "cacher": _runtime_schema("cachers"),
-            "compiler": _runtime_schema("compilers"),
-            "warmup": _warmup_schema(),
-        }, description="recorded in smash.json and applied by the runtime at load"),
-        "serve": _runtime_module("server.scaling").serve_json_schema(),
-        "output": table({
-            "dir": {**string, "description": "artifact folder, relative to this file; default dist/<manifest name>"},
-        }),
-        "evaluate": _evaluate_schema(string, boolean),
-        "publish": table({
-            "hub": table({
-                "repo": {"type": "string", "pattern": _REPO_ID.pattern},
-                "private": {**boolean, "default": False},
-                "revision": {**string, "default": "main"},
-                "commit_message": string,
-            }, ("repo",), "publish the artifact to the Hugging Face Hub (token from HF_TOKEN or the login cache)"),
-            "image": table({
-                "tag": {"type": "string", "pattern": _portable_pattern(_IMAGE_REF)},
-                "base": {"type": "string", "pattern": _portable_pattern(_IMAGE_REF)},
-                "push": {**boolean, "default": False},
-                "include_compile_cache": {**boolean, "default": False},
-            }, ("tag",), "bake the artifact into a container image"),
-        }),
-    }, ("model",))
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://github.com/smash-build/smash-build/manifest.schema.json"
-    schema["title"] = "smash-build manifest"
-    return schema
-
-
-def _portable_pattern(regex: re.Pattern) -> str:
-    # JSON Schema patterns are ECMA-262: Python's named groups (?P<name>...) are not.
-    return re.sub(r"\(\?P<\w+>", "(?:", regex.pattern)
-
-
-def _evaluate_schema(string: dict, boolean: dict) -> dict:
-    from .evaluate.metrics import METRICS
-    from .evaluate.prompts import BUILTIN, FILE_SUFFIXES
-    from .evaluate.settings import DEVICES, EvalSettings
-
-    defaults = EvalSettings()
-    size = {"type": "integer", "minimum": 16, "multipleOf": 8}
-    props: dict[str, Any] = {
-        "prompts": {**string, "default": BUILTIN,
-                    "description": f"{BUILTIN}, a prompt file ({', '.join(FILE_SUFFIXES)}) or a Hub dataset "
-                                   "hf://datasets/ORG/NAME"},
-        "num_prompts": {"type": "integer", "minimum": 1, "default": defaults.num_prompts},
-        "seeds": {"anyOf": [{"type": "integer", "minimum": 0},
-                            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}],
-                  "default": list(defaults.seeds)},
-        "steps": {"type": "integer", "minimum": 1},
-        "height": size,
-        "width": size,
-        "guidance_scale": {"type": "number", "minimum": 0},
-        "metrics": {"type": "array", "items": {"enum": list(METRICS)}, "default": list(defaults.metrics)},
-        "device": {"type": "string", "pattern": "^(" + "|".join(DEVICES) + r"|cuda:\d+)$", "default": defaults.device},
-        "warmup": {"type": "integer", "minimum": 0, "default": defaults.warmup},
-        "weights_dir": {**string, "description": "folder holding metric weights (LPIPS, ARNIQA, CLIP)"},
-        "clip_model": {**string, "default": defaults.clip_model},
-        "num_samples": {"type": "integer", "minimum": 0, "default": defaults.num_samples},
-        "isolate": {**boolean, "default": defaults.isolate},
-        "threads": {"type": "integer", "minimum": 1},
-    }
-    unknown = set(_evaluate_keys()) - set(props)
-    for key in sorted(unknown):  # a setting added to EvalSettings later: allowed, untyped
-        props[key] = {}
-    return {"type": "object", "properties": {k: props[k] for k in _evaluate_keys()}, "additionalProperties": False,
-            "description": "compare the artifact with its base: speed, memory, fidelity"}
-
-
-def _runtime_schema(module: str) -> dict:
-    """Schema of [runtime.cacher] / [runtime.compiler]: one variant per registered config class.
-
-    The parameter rules stay with the runtime's parsers; the schema lists each config's
-    dataclass fields (for completion) with their types, defaults and docs.
-    """
-    if module == "cachers":
-        registry = _runtime_module("cachers").CACHERS
-        enums: dict[str, tuple] = {}
-    else:
-        config = _runtime_module("compilers.config")
-        registry = config.COMPILERS
-        enums = {"mode": config.TORCH_COMPILE_MODES, "scope": config.SCOPES}
-    names = sorted(registry)
-    variants = []
-    for name in names:
-        props: dict[str, Any] = {"name": {"const": name}}
-        for field in dataclasses.fields(registry[name]):
-            props[field.name] = _field_schema(field)
-            if field.name in enums:
-                props[field.name]["enum"] = list(enums[field.name])
-        variants.append({"type": "object", "properties": props, "required": ["name"],
-                         "additionalProperties": False})
-    return {"anyOf": [{"enum": names + ["none"]}, {"oneOf": variants}]}
-
-
-_JSON_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
-
-
-def _field_schema(field: dataclasses.Field) -> dict:
-    # The runtime's configs use `from __future__ import annotations`, so types are strings
-    # such as "int | None"; TOML has no null, so None just means "leave the key out".
-    parts = [t for t in str(field.type).replace(" ", "").split("|") if t != "None"]
-    schema: dict[str, Any] = {}
-    if len(parts) == 1 and parts[0] in _JSON_TYPES:
-        schema["type"] = _JSON_TYPES[parts[0]]
-    if field.default is not dataclasses.MISSING and isinstance(field.default, (int, float, str, bool)):
-        schema["default"] = field.default
-    if field.metadata.get("doc"):
-        schema["description"] = field.metadata["doc"]
-    return schema
-
-
-def _warmup_schema() -> dict:
-    side = {"type": "integer", "minimum": 16, "multipleOf": 16}
-    shape = {"type": "object", "properties": {
-        "height": side, "width": side,
-        "steps": {"type": "integer", "minimum": 1}, "batch": {"type": "integer", "minimum": 1, "default": 1},
-    }, "required": ["height", "width", "steps"], "additionalProperties": False}
-    return {"type": "object", "properties": {"shapes": {"type": "array", "items": shape}},
-            "additionalProperties": False, "description": "shapes compiled ahead when the runtime warms up"}

@@ -79,7 +79,16 @@ def _is_hub_id(source_id: str) -> bool:
     return bool(source_id) and not source_id.startswith(("builtin:", "/", ".", "~")) and source_id.count("/") == 1
 
 
-def results_table_markdown(summary: dict[str, Any], format_cell: Callable[[Any], str]) -> str:
+def format_cell(value: Any) -> str:
+    """How the card and the console show a summary value (floats verbatim, so they parse back equal)."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def results_table_markdown(summary: dict[str, Any], format_cell: Callable[[Any], str] = format_cell) -> str:
     """A markdown table of the evaluation summary (one column per side)."""
     cols = summary["columns"]
     lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
@@ -241,10 +250,10 @@ def card_for_repo(root: Path, manifest: dict[str, Any], repo_id: str, revision: 
     body = {k: v for k, v in manifest.items() if k != "files"}
     table = evaluation = None
     if "eval/results.json" in manifest.get("files", {}):
-        from .evaluate.report import format_cell, load_results
+        from .evaluate.settings import EVAL_DIR  # torch-free; the report module imports this one
 
-        evaluation = load_results(root)
-        table = results_table_markdown(evaluation["summary"], format_cell)
+        evaluation = json.loads((Path(root) / EVAL_DIR / "results.json").read_text(encoding="utf-8"))
+        table = results_table_markdown(evaluation["summary"])
     readme = Path(root) / "README.md"
     if not readme.is_file() or readme.read_text(encoding="utf-8") != render_model_card(body, table, evaluation):
         return None

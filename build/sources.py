@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from smash_runtime import anatomy
 from smash_runtime.errors import SmashError
 
 from .tiny_models import TINY_MODELS, build_tiny
@@ -83,9 +84,9 @@ def _local_card(folder: Path) -> tuple[str | None, dict]:
 
 def denoiser_name(pipeline) -> str:
     """``transformer`` for DiT pipelines, ``unet`` for UNet pipelines."""
-    for name in ("transformer", "unet"):
-        if getattr(pipeline, name, None) is not None:
-            return name
+    name = anatomy.denoiser_name(k for k in anatomy.DENOISERS if getattr(pipeline, k, None) is not None)
+    if name is not None:
+        return name
     raise SourceError(f"{type(pipeline).__name__} has neither a transformer nor a unet to transform")
 
 

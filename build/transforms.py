@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from smash_runtime.errors import UnsupportedOnDevice
+from smash_runtime.settings import QUANTIZE_METHODS
 
-QUANT_METHODS = ("int8dq", "int8wo", "int4wo", "fp8wo", "fp8dq")
+QUANT_METHODS = tuple(QUANTIZE_METHODS)  # the one table: smash_runtime.settings.QUANTIZE_METHODS
 
 
 def quantization_config(method: str):

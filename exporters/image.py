@@ -48,7 +48,7 @@ from typing import Any
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from smash_runtime.errors import SettingsError, SmashError
-from smash_runtime.format import RECORD_FILE, read_record, verify_files
+from smash_runtime.format import RECORD_FILE, artifact_sha256, read_record, verify_files
 
 from .lock import LOCK_FILE, RUNTIME_DIST, TOOLS_FILE, VARIANTS, Wheelhouse, lock_text, resolve_wheelhouse, sha256_of
 
@@ -177,11 +177,6 @@ def source_date_epoch(manifest: dict[str, Any]) -> int:
             raise SettingsError("source_date_epoch", value, "a non-negative integer")
         return epoch
     return DEFAULT_EPOCH
-
-
-def artifact_sha256(artifact_dir: str | os.PathLike) -> str:
-    """The artifact's identity: sha256 of ``smash.json``, which holds the sha256 of every other file."""
-    return sha256_of(Path(artifact_dir) / RECORD_FILE)
 
 
 def _git(args: list[str], cwd: Path) -> str | None:

@@ -21,7 +21,6 @@ site-packages.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -36,6 +35,7 @@ from typing import Literal
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from smash_runtime.errors import SettingsError, SmashError
+from smash_runtime.format import sha256_file
 
 Variant = Literal["cpu", "cuda"]
 VARIANTS = ("cpu", "cuda")
@@ -62,12 +62,7 @@ class Wheelhouse:
         return sum(p.stat().st_size for p in self.path.glob("*.whl"))
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256_of = sha256_file  # one file hasher: smash_runtime.format.sha256_file
 
 
 def _host_python() -> str:

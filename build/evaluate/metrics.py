@@ -36,12 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from smash_runtime.errors import SettingsError, did_you_mean
-
-WEIGHT_FREE = ("psnr", "ssim", "ms_ssim")
-LEARNED = ("lpips", "arniqa", "clip_score")
-METRICS = WEIGHT_FREE + LEARNED
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # torchmetrics' default CLIPScore model
+# The names live with the [evaluate] settings, which must not import torch.
+from .settings import DEFAULT_CLIP_MODEL, LEARNED, WEIGHT_FREE, check_metric_names
 
 # Exact files torchmetrics 1.9 reads through torch.hub (relative to TORCH_HOME).
 TORCH_HUB_FILES = {
@@ -56,14 +52,6 @@ _CLIP_PROCESSOR = ("preprocessor_config.json", "processor_config.json")  # Hub r
 _CLIP_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _CLIP_TOKENIZER = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 _MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-
-
-def check_metric_names(names: Sequence[str], key: str = "evaluate.metrics") -> tuple[str, ...]:
-    """Validate metric names (SettingsError naming the bad one), keeping their order."""
-    for name in names:
-        if name not in METRICS:
-            raise SettingsError(key, name, f"one of {', '.join(METRICS)}", did_you_mean(name, METRICS))
-    return tuple(dict.fromkeys(names))
 
 
 def torchvision_available() -> bool:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .measure import PeakRss
 
 PROGRESS_MARK = "SMASH-EVAL "
 
@@ -24,37 +25,6 @@ PROGRESS_MARK = "SMASH-EVAL "
 # height, width, guidance_scale}, device, warmup (count), image_dir.
 PhaseSpec = dict[str, Any]
 Progress = Callable[[dict[str, Any]], None]
-
-
-class _RSSSampler:
-    """Peak resident memory of this process between start() and stop(), sampled every 5 ms."""
-
-    def __init__(self):
-        import psutil
-
-        self._proc = psutil.Process()
-        self.peak = self.start_rss = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    def start(self) -> _RSSSampler:
-        self._thread.start()
-        return self
-
-    def current(self) -> int:
-        """The peak so far, including right now."""
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-        return self.peak
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-        return self.peak
 
 
 def _ru_maxrss() -> int:
@@ -151,7 +121,7 @@ def _run_phase(spec: PhaseSpec, progress: Progress) -> dict[str, Any]:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     # baseline: the process with its libraries imported, before any weight is read
-    sampler = None if cuda else _RSSSampler().start()
+    sampler = None if cuda else PeakRss().start()
     baseline = torch.cuda.memory_allocated(device) if cuda else sampler.start_rss
     t0 = time.perf_counter()
     pipe, load_phases = _load(spec)

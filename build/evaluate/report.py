@@ -19,13 +19,16 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smash_runtime.format import read_record
 
 from ..exporters.artifact import refresh_file_table
-from ..model_card import render_model_card, results_table_markdown
-from .runner import EVAL_DIR, Evaluation
+from ..model_card import format_cell, render_model_card, results_table_markdown
+from .settings import EVAL_DIR
+
+if TYPE_CHECKING:  # the runner calls write_report; importing it back would make a cycle
+    from .runner import Evaluation
 
 MIB = 1024 * 1024
 
@@ -101,15 +104,6 @@ def _split(values: list[Any]) -> tuple[Any, list[Any]]:
     return values[0], values[1:]
 
 
-def format_cell(value: Any) -> str:
-    """How the card and the console show a summary value (floats verbatim, so they parse back equal)."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
 def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
@@ -178,10 +172,6 @@ def write_report(evaluation: Evaluation, num_samples: int = 4) -> list[Path]:
         # whatever happened, smash.json must list exactly the files on disk, or loading would refuse the artifact
         refresh_file_table(root)
     return written
-
-
-def load_results(root: str | Path) -> dict[str, Any]:
-    return json.loads((Path(root) / EVAL_DIR / "results.json").read_text(encoding="utf-8"))
 
 
 def print_summary(results: dict[str, Any], console=None) -> None:

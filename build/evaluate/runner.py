@@ -33,11 +33,10 @@ from smash_runtime.format import RECORD_FILE, ArtifactRecord, read_record
 from .metrics import MetricsResult, compute_metrics, preflight
 from .phase import PROGRESS_MARK, PhaseSpec, run_phase
 from .prompts import Prompt, load_prompts
-from .settings import EvalSettings
+from .settings import EVAL_DIR, EvalSettings
 
 RESULTS_FORMAT = "smash-eval"
 RESULTS_VERSION = 1
-EVAL_DIR = "eval"
 
 
 class EvaluationError(SmashError):

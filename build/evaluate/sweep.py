@@ -22,12 +22,8 @@ from typing import Any
 
 from smash_runtime.errors import SettingsError
 
+from ..manifest import toml_value
 from .runner import RuntimeConfig
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
 
 _SECTIONS = ("cacher", "compiler")
 NONE_WORDS = ("none", "null", "off")
@@ -36,12 +32,7 @@ NONE_WORDS = ("none", "null", "off")
 def parse_value(text: str) -> Any:
     """A ``--vary`` value as TOML reads it (``2`` int, ``0.5`` float, ``true``), else the plain string."""
     text = text.strip()
-    if text.lower() in NONE_WORDS:
-        return None
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+    return None if text.lower() in NONE_WORDS else toml_value(text)
 
 
 def parse_vary(items: Sequence[str]) -> dict[str, list[Any]]:
@@ -119,23 +110,15 @@ def expand_configurations(runtime: dict[str, Any], vary: dict[str, list[Any]]) -
 
 
 def _check(tables: dict[str, Any]) -> None:
-    """Validate each table with the runtime's own parsers before anything runs."""
-    if tables["cacher"]:
-        from smash_runtime.cachers import cacher_config_from_dict
+    """Validate each table with the runtime's settings models before anything runs."""
+    from smash_runtime.settings import cacher_from_dict, compiler_from_dict
 
-        try:
-            cacher_config_from_dict(tables["cacher"])
-        except SettingsError as exc:
-            raise exc.with_prefix("runtime.cacher") from None
-    if tables["compiler"]:
-        try:
-            from smash_runtime.compilers import compiler_config_from_dict
-        except ImportError:  # compilers module not present in this runtime: the loader will say so
-            return
-        try:
-            compiler_config_from_dict(tables["compiler"])
-        except SettingsError as exc:
-            raise exc.with_prefix("runtime.compiler") from None
+    for section, parse in (("cacher", cacher_from_dict), ("compiler", compiler_from_dict)):
+        if tables[section]:
+            try:
+                parse(tables[section])
+            except SettingsError as exc:
+                raise exc.with_prefix(f"runtime.{section}") from None
 
 
 def sweep(manifest, vary: dict[str, list[Any]], settings, *, out_dir=None, progress: bool = True,

@@ -335,6 +335,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def artifact_sha256(root: str | os.PathLike) -> str:
+    """The artifact's identity: sha256 of ``smash.json``, which lists the sha256 of every other file.
+
+    Keys the compile cache and labels container images.
+    """
+    return sha256_file(Path(root) / RECORD_FILE)
+
+
 def file_table(root: str | os.PathLike, exclude: frozenset[str] = UNHASHED_FILES) -> dict[str, dict[str, Any]]:
     """``{relative/path: {"sha256", "size"}}`` for every file under ``root``, in sorted order."""
     root = Path(root)

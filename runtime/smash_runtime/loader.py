@@ -26,6 +26,7 @@ from .format import (
     verify_files,
 )
 from .fused_layout import join_fused
+from .settings import QUANTIZE_METHODS
 from .structure import WEIGHTS_FILE, assign_weights, resolve_class, skeleton_from_config
 from .tensors import index_name, load_files_state_dict
 
@@ -33,7 +34,7 @@ logger = logging.getLogger("smash_runtime")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Quantized weights whose kernels exist only on CUDA, with the capability they need.
-_CUDA_ONLY = {"fp8dq": (8, 9), "int4wo": (8, 0)}
+_CUDA_ONLY = {name: m.cuda_capability for name, m in QUANTIZE_METHODS.items() if m.cuda_capability}
 
 
 @dataclass

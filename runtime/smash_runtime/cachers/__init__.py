@@ -1,8 +1,9 @@
 """Cachers: fewer backbone block executions per denoising step, no weight changes.
 
-The manifest's ``[runtime.cacher]`` table names one and sets its parameters; the builder checks
-it against the pipeline (``check_cacher_compatibility``) and records ``config_to_dict(cfg)`` in
-``smash.json``; the runtime applies it at load, after the compiler:
+The manifest's ``[runtime.cacher]`` table names one and sets its parameters (the typed settings
+live in ``smash_runtime.settings``, torch-free); the builder checks it against the pipeline
+(``check_cacher_compatibility``) and records ``config_to_dict(cfg)`` in ``smash.json``; the
+runtime applies it at load, after the compiler:
 
     >>> from smash_runtime.cachers import apply_cacher, cacher_config_from_dict, cacher_stats
     >>> cfg = cacher_config_from_dict({"name": "fora", "interval": 3, "start_step": 2})
@@ -20,44 +21,46 @@ it against the pipeline (``check_cacher_compatibility``) and records ``config_to
 | first_block   | dit    | rest of the blocks skipped when block 0 barely changes | diffusers_caches.py |
 | taylorseer    | dit    | features predicted by Taylor series (diffusers)        | diffusers_caches.py |
 | magcache      | dit    | steps skipped by residual magnitude ratio (diffusers)  | diffusers_caches.py |
+
+Adding a cacher: its settings class in ``smash_runtime/settings.py`` (fields, bounds, family),
+one module here with ``apply(pipe, denoiser, cfg) -> tracker`` and ``remove(denoiser)``, and
+one line in ``_TECHNIQUES`` below.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
+import logging
+from types import ModuleType
 from typing import Any
 
 import torch
 from diffusers.hooks.hooks import HookRegistry
 
-from ..errors import SettingsError, did_you_mean
-from ._fields import parse_config, to_plain
-from ._tracker import TRACKER_HOOK, CacherStats, StepTrackerHook
-from .deepcache import DEEPCACHE_HOOK, DeepCacheConfig, apply_deepcache
-from .diffusers_caches import (
+from ..anatomy import denoiser_of
+from ..errors import SettingsError
+from ..settings import (
+    CACHER_SETTINGS,
+    CacherConfig,
+    DeepCacheConfig,
     FasterCacheConfig,
     FirstBlockConfig,
+    ForaConfig,
     MagCacheConfig,
     PABConfig,
     TaylorSeerConfig,
-    apply_builtin,
-    calibrate_mag_ratios,
-    mag_ratios_required,
+    cacher_from_dict,
+    check_cacher_compatibility,
+    settings_to_dict,
 )
-from .fora import FORA_BLOCK_HOOK, ForaConfig, apply_fora
+from . import deepcache, diffusers_caches, fora
+from ._tracker import TRACKER_HOOK, CacherStats, StepTrackerHook
+from .diffusers_caches import calibrate_mag_ratios
 
-__all__ = [
+__all__ = [  # plus every cacher's settings class (ForaConfig, ...), re-exported from smash_runtime.settings
     "CACHERS",
     "CacherConfig",
     "CacherStats",
-    "DeepCacheConfig",
-    "FasterCacheConfig",
-    "FirstBlockConfig",
-    "ForaConfig",
-    "MagCacheConfig",
-    "PABConfig",
-    "TaylorSeerConfig",
     "apply_cacher",
     "cacher_config_from_dict",
     "cacher_stats",
@@ -69,59 +72,29 @@ __all__ = [
     "remove_cacher",
 ]
 
-CacherConfig = (
-    ForaConfig | DeepCacheConfig | PABConfig | FasterCacheConfig | FirstBlockConfig | TaylorSeerConfig | MagCacheConfig
-)
+logger = logging.getLogger(__name__)
 
-CACHERS: dict[str, type] = {
-    c.name: c
-    for c in (
-        ForaConfig, DeepCacheConfig, PABConfig, FasterCacheConfig, FirstBlockConfig, TaylorSeerConfig, MagCacheConfig
-    )
-}
+CACHERS = CACHER_SETTINGS
+"""Every cacher's settings class by name."""
 
-FAMILY_CACHERS = {
-    "dit": ("fora", "pab", "fastercache", "first_block", "taylorseer", "magcache"),
-    "unet": ("deepcache",),
+# The one registry of hook implementations: each module has apply(pipe, denoiser, cfg) and remove(denoiser).
+_TECHNIQUES: dict[str, ModuleType] = {
+    "fora": fora,
+    "deepcache": deepcache,
+    "pab": diffusers_caches,
+    "fastercache": diffusers_caches,
+    "first_block": diffusers_caches,
+    "taylorseer": diffusers_caches,
+    "magcache": diffusers_caches,
 }
+assert set(_TECHNIQUES) == set(CACHERS), "every cacher setting needs its hooks"
+__all__ += [cls.__name__ for cls in CACHERS.values()]
+
 _APPLIED_ATTR = "_smash_cacher"
 _COMPILED_ATTR = "_smash_compiled"
 
-
-def cacher_config_from_dict(d: dict[str, Any]) -> CacherConfig:
-    """Validate a ``[runtime.cacher]`` table (``name`` plus that cacher's settings), filling defaults.
-
-        >>> cacher_config_from_dict({"name": "fora", "interval": 2})
-        ForaConfig(interval=2, start_step=2)
-        >>> cacher_config_from_dict({"name": "fora", "intervall": 2})
-        Traceback (most recent call last):
-        smash_runtime.errors.SettingsError: intervall = 2: unknown setting ... (did you mean 'interval'?)
-
-    Raises ``SettingsError`` whose key is relative to the table (``interval``), for the manifest
-    layer to prefix.
-    """
-    if not isinstance(d, dict):
-        raise SettingsError("", d, 'a table such as {name = "fora", interval = 3}')
-    name = d.get("name")
-    if name is None:
-        raise SettingsError("name", None, "required: one of " + ", ".join(CACHERS))
-    if name not in CACHERS:
-        raise SettingsError("name", name, "one of " + ", ".join(CACHERS), hint=did_you_mean(name, CACHERS))
-    cfg = parse_config(CACHERS[name], {k: v for k, v in d.items() if k != "name"})
-    if isinstance(cfg, MagCacheConfig) and cfg.mag_ratios is None:
-        raise SettingsError("mag_ratios", None, mag_ratios_required())
-    return cfg
-
-
-def config_to_dict(cfg: CacherConfig) -> dict[str, Any]:
-    """The normalized table recorded in ``smash.json`` (JSON-serializable, every default filled in).
-
-    ``cacher_config_from_dict(config_to_dict(cfg)) == cfg``.
-    """
-    table: dict[str, Any] = {"name": cfg.name}
-    for f in dataclasses.fields(cfg):
-        table[f.name] = to_plain(getattr(cfg, f.name))
-    return table
+cacher_config_from_dict = cacher_from_dict
+config_to_dict = settings_to_dict
 
 
 def _family_of_class(cls: type) -> str | None:
@@ -161,73 +134,6 @@ def pipeline_family(pipe_or_class_name: Any) -> str:
     return family
 
 
-def _is_attention_level(cfg: CacherConfig) -> bool:
-    # These hook attention layers, which live inside each compiled block.
-    return cfg.name in ("pab", "fastercache") or (cfg.name == "taylorseer" and not cfg.lite)
-
-
-def check_cacher_compatibility(cfg: CacherConfig, family: str, compiler: dict[str, Any] | None = None) -> None:
-    """The cacher x pipeline family x compiler table; raises ``SettingsError`` (key ``name``) saying what to use.
-
-        >>> check_cacher_compatibility(DeepCacheConfig(), "dit")
-        Traceback (most recent call last):
-        smash_runtime.errors.SettingsError: name = 'deepcache': DeepCache needs a UNet; for DiT pipelines use fora, ...
-
-    ``compiler`` is the ``[runtime.compiler]`` table (or None). Block-level cachers wrap each
-    block's compiled ``forward`` and compose with ``torch_compile`` at ``scope = "blocks"``;
-    whole-model compilation and stable-fast's tracing would freeze or recompile their schedule.
-    """
-    if family not in FAMILY_CACHERS:
-        raise SettingsError("family", family, "'dit' or 'unet'")
-    if cfg.name not in FAMILY_CACHERS[family]:
-        if cfg.name == "deepcache":
-            allowed = "DeepCache needs a UNet; for DiT pipelines use " + _or_list(FAMILY_CACHERS["dit"])
-        else:
-            allowed = f"{cfg.name} needs a transformer (DiT) pipeline; for UNet pipelines use " + _or_list(
-                FAMILY_CACHERS["unet"]
-            )
-        raise SettingsError("name", cfg.name, allowed)
-    if not compiler:
-        return
-    compiler_name = compiler.get("name")
-    if compiler_name == "stable_fast":
-        raise SettingsError(
-            "name",
-            cfg.name,
-            "stable_fast traces the whole denoiser once, which freezes the cacher's per-step choices; "
-            'use [runtime.compiler] name = "torch_compile" with scope = "blocks", or no cacher',
-        )
-    if compiler_name == "torch_compile":
-        scope = compiler.get("scope", "blocks")
-        if scope == "model":
-            raise SettingsError(
-                "name",
-                cfg.name,
-                "a whole-model torch.compile puts the cache hooks inside the graph (a recompile every step); "
-                'use [runtime.compiler] scope = "blocks"',
-            )
-        if _is_attention_level(cfg):
-            raise SettingsError(
-                "name",
-                cfg.name,
-                f"{cfg.name} hooks the attention layers inside each compiled block (a recompile every step); "
-                "with torch_compile use fora, first_block, magcache or taylorseer with lite = true",
-            )
-
-
-def _or_list(names: tuple[str, ...]) -> str:
-    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
-
-
-def denoiser_of(pipe: Any) -> torch.nn.Module:
-    """The pipeline's denoiser (``transformer`` or ``unet``)."""
-    for name in ("transformer", "unet"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise SettingsError("pipeline_class", type(pipe).__name__, "a pipeline with a transformer or a unet denoiser")
-
-
 def apply_cacher(pipe: Any, cfg: CacherConfig) -> None:
     """Register ``cfg``'s hooks on ``pipe``'s denoiser (replacing any cacher applied before).
 
@@ -238,13 +144,9 @@ def apply_cacher(pipe: Any, cfg: CacherConfig) -> None:
     denoiser = denoiser_of(pipe)
     check_cacher_compatibility(cfg, pipeline_family(pipe), _compiler_in_place(denoiser))
     remove_cacher(pipe)
-    if isinstance(cfg, ForaConfig):
-        tracker = apply_fora(denoiser, cfg)
-    elif isinstance(cfg, DeepCacheConfig):
-        tracker = apply_deepcache(denoiser, cfg)
-    else:
-        tracker = apply_builtin(pipe, denoiser, cfg)
+    tracker = _TECHNIQUES[cfg.name].apply(pipe, denoiser, cfg)
     setattr(denoiser, _APPLIED_ATTR, (cfg, tracker))
+    logger.debug("cacher %s installed on %s: %s", cfg.name, type(denoiser).__name__, settings_to_dict(cfg))
 
 
 def _compiler_in_place(denoiser: torch.nn.Module) -> dict[str, Any] | None:
@@ -265,15 +167,10 @@ def remove_cacher(pipe: Any) -> None:
         return
     registry = HookRegistry.check_if_exists_or_initialize(denoiser)
     registry.remove_hook(TRACKER_HOOK, recurse=False)
-    cfg = applied[0]
-    if isinstance(cfg, ForaConfig):
-        registry.remove_hook(FORA_BLOCK_HOOK, recurse=True)
-    elif isinstance(cfg, DeepCacheConfig):
-        registry.remove_hook(DEEPCACHE_HOOK, recurse=True)
-    else:
-        denoiser.disable_cache()
+    _TECHNIQUES[applied[0].name].remove(denoiser)
     registry.invalidate_child_registries_cache()
     delattr(denoiser, _APPLIED_ATTR)
+    logger.debug("cacher %s removed from %s", applied[0].name, type(denoiser).__name__)
 
 
 def applied_cacher(pipe: Any) -> CacherConfig | None:

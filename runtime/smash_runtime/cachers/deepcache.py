@@ -27,33 +27,16 @@ No dependency on the ``DeepCache`` package.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 
 from ..errors import SettingsError
-from ._fields import int_field, optional_int_field
+from ..settings import DeepCacheConfig
 from ._tracker import StepTrackerHook, install_tracker
 
+__all__ = ["DEEPCACHE_HOOK", "DeepCacheConfig", "apply", "deep_modules", "remove"]
+
 DEEPCACHE_HOOK = "smash_deepcache"
-
-
-@dataclass(frozen=True)
-class DeepCacheConfig:
-    """``[runtime.cacher] name = "deepcache"``."""
-
-    name: ClassVar[str] = "deepcache"
-    interval: int = int_field(3, 1, 10, "full UNet every `interval` steps; 1 = no caching")
-    branch: int = int_field(0, 0, None, "skip depth: down blocks 0..branch (and their up blocks) run every step")
-    start_step: int = int_field(0, 0, None, "steps before this one always run the full UNet")
-    layer: int | None = optional_int_field(
-        0, "cache inside down_blocks[branch] after this layer (and the mirroring up layers); absent: whole blocks"
-    )
-
-    def computes_at(self, step: int) -> bool:
-        return step < self.start_step or (step - self.start_step) % self.interval == 0
 
 
 class DeepModuleHook(ModelHook):
@@ -120,7 +103,7 @@ def _up_layers_before(block: torch.nn.Module, name: str, count: int) -> list[tup
     return out
 
 
-def apply_deepcache(unet: torch.nn.Module, config: DeepCacheConfig) -> StepTrackerHook:
+def apply(pipe, unet: torch.nn.Module, config: DeepCacheConfig) -> StepTrackerHook:
     """Register DeepCache hooks on ``unet``'s deep modules; returns the step tracker."""
     if not all(hasattr(unet, a) for a in ("down_blocks", "up_blocks")):
         allowed = f"DeepCache needs a UNet with down/up blocks; got {type(unet).__name__}"
@@ -134,3 +117,8 @@ def apply_deepcache(unet: torch.nn.Module, config: DeepCacheConfig) -> StepTrack
         )
     install_tracker(unet, tracker)
     return tracker
+
+
+def remove(unet: torch.nn.Module) -> None:
+    """Remove the deep-module hooks ``apply`` registered (the tracker is removed by the caller)."""
+    HookRegistry.check_if_exists_or_initialize(unet).remove_hook(DEEPCACHE_HOOK, recurse=True)

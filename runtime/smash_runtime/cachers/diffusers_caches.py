@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from diffusers import hooks as dh
@@ -35,10 +34,21 @@ from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS, nearest_interp
 from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
 from diffusers.utils.torch_utils import unwrap_module
 
+from ..anatomy import transformer_blocks
 from ..errors import SettingsError
-from ._fields import bool_field, custom_field, float_field, int_field, optional_int_field, range_field
+from ..settings import (
+    MAG_RATIOS_REQUIRED,
+    FasterCacheConfig,
+    FirstBlockConfig,
+    MagCacheConfig,
+    PABConfig,
+    TaylorSeerConfig,
+)
 from ._tracker import StepTrackerHook, install_tracker
-from .fora import transformer_blocks
+
+__all__ = ["apply", "calibrate_mag_ratios", "remove"]
+
+BuiltinConfig = PABConfig | FasterCacheConfig | FirstBlockConfig | TaylorSeerConfig | MagCacheConfig
 
 
 def _timestep_callback(pipe: Any):
@@ -50,139 +60,51 @@ def _timestep_callback(pipe: Any):
     return current_timestep
 
 
-@dataclass(frozen=True)
-class PABConfig:
-    """``name = "pab"``: Pyramid Attention Broadcast (arXiv:2408.12588), attention outputs reused."""
-
-    name: ClassVar[str] = "pab"
-    interval: int = int_field(2, 1, 6, "attention recomputed every `interval` steps inside the window; 1 = no caching")
-    timestep_range: tuple[float, float] = range_field(
-        (100.0, 800.0), -1, 1000, "timesteps (0-1000) where reuse is allowed"
-    )
-
-    def to_diffusers(self, pipe: Any) -> dh.PyramidAttentionBroadcastConfig:
+def _to_diffusers(pipe: Any, config: BuiltinConfig, dtype: torch.dtype) -> Any:
+    """diffusers' own config class for ``config`` (the manifest's few parameters mapped onto it)."""
+    if isinstance(config, PABConfig):
         return dh.PyramidAttentionBroadcastConfig(
-            spatial_attention_block_skip_range=self.interval,
-            spatial_attention_timestep_skip_range=self.timestep_range,
+            spatial_attention_block_skip_range=config.interval,
+            spatial_attention_timestep_skip_range=config.timestep_range,
             current_timestep_callback=_timestep_callback(pipe),
         )
-
-
-def _faster_cache_range(key: str, value: Any) -> tuple[float, float]:
-    start, end = range_field((0, 0), -1, 999).metadata["check"](key, value)
-    return (start, end)
-
-
-@dataclass(frozen=True)
-class FasterCacheConfig:
-    """``name = "fastercache"``: FasterCache (arXiv:2410.19355) attention extrapolation, per branch."""
-
-    name: ClassVar[str] = "fastercache"
-    interval: int = int_field(2, 1, 6, "attention recomputed every `interval` steps inside the window; 1 = no caching")
-    # diffusers' hook approximates from a cache it only fills on a computed step: the first step
-    # (t = 1000) must lie outside the window, hence end <= 999.
-    timestep_range: tuple[float, float] = custom_field(
-        (-1.0, 681.0), _faster_cache_range, "timesteps (0-999) where the approximation is allowed"
-    )
-    attention_weight: float = float_field(0.5, 0.0, 1.0, "extrapolation weight: out_t + w * (out_t - out_t-2)")
-
-    def to_diffusers(self, pipe: Any) -> dh.FasterCacheConfig:
-        weight = self.attention_weight
+    if isinstance(config, FasterCacheConfig):
+        weight = config.attention_weight
         return dh.FasterCacheConfig(
-            spatial_attention_block_skip_range=self.interval,
-            spatial_attention_timestep_skip_range=self.timestep_range,
+            spatial_attention_block_skip_range=config.interval,
+            spatial_attention_timestep_skip_range=config.timestep_range,
             attention_weight_callback=lambda _module: weight,
             tensor_format="BCHW",
             is_guidance_distilled=True,
             current_timestep_callback=_timestep_callback(pipe),
         )
-
-
-@dataclass(frozen=True)
-class FirstBlockConfig:
-    """``name = "first_block"``: First Block Cache (ParaAttention): skip the rest when block 0 barely changed."""
-
-    name: ClassVar[str] = "first_block"
-    # ParaAttention's FLUX examples use 0.08-0.12; 0 never skips.
-    threshold: float = float_field(
-        0.08, 0.0, 1.0, "relative change of block 0's residual below which the rest is reused"
-    )
-
-    def to_diffusers(self, pipe: Any) -> dh.FirstBlockCacheConfig:
-        return dh.FirstBlockCacheConfig(threshold=self.threshold)
-
-
-@dataclass(frozen=True)
-class TaylorSeerConfig:
-    """``name = "taylorseer"``: TaylorSeer (arXiv:2503.06923), Taylor-extrapolated features."""
-
-    name: ClassVar[str] = "taylorseer"
-    interval: int = int_field(5, 1, 10, "full computation every `interval` steps after warm-up; 1 = no caching")
-    start_step: int = int_field(3, 0, None, "warm-up steps that always compute (they seed the Taylor factors)")
-    stop_step: int | None = optional_int_field(0, "steps from this one on always compute (absent: none)")
-    order: int = int_field(1, 1, 4, "highest Taylor order")
-    lite: bool = bool_field(
-        False, "false: predict each attention output; true: skip whole blocks and predict proj_out (faster, coarser)"
-    )
-
-    def to_diffusers(self, pipe: Any, dtype: torch.dtype) -> dh.TaylorSeerCacheConfig:
+    if isinstance(config, FirstBlockConfig):
+        return dh.FirstBlockCacheConfig(threshold=config.threshold)
+    if isinstance(config, TaylorSeerConfig):
         return dh.TaylorSeerCacheConfig(
-            cache_interval=self.interval,
-            disable_cache_before_step=self.start_step,
-            disable_cache_after_step=self.stop_step,
-            max_order=self.order,
+            cache_interval=config.interval,
+            disable_cache_before_step=config.start_step,
+            disable_cache_after_step=config.stop_step,
+            max_order=config.order,
             # Keep the factors in the model's dtype: diffusers' bf16 default would round fp32 models.
             taylor_factors_dtype=dtype,
-            use_lite_mode=self.lite,
+            use_lite_mode=config.lite,
         )
-
-
-def _mag_ratios(key: str, value: Any) -> str | tuple[float, ...]:
-    allowed = (
-        '"flux" (diffusers\' FLUX.1 ratios) or a list of >= 2 positive per-step ratios '
-        "(measure them with smash_runtime.cachers.calibrate_mag_ratios(pipe))"
+    ratios = base_ratios(config)
+    return dh.MagCacheConfig(
+        threshold=config.threshold,
+        max_skip_steps=config.max_skip_steps,
+        retention_ratio=config.retention_ratio,
+        num_inference_steps=len(ratios),
+        mag_ratios=ratios,
     )
-    if value == "flux":
-        return "flux"
-    if value is None:  # absent: cacher_config_from_dict and apply report it as required
-        return None
-    if isinstance(value, (list, tuple)) and len(value) >= 2:
-        if all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in value):
-            return tuple(float(v) for v in value)
-    raise SettingsError(key, value, allowed)
 
 
-@dataclass(frozen=True)
-class MagCacheConfig:
-    """``name = "magcache"``: MagCache (arXiv:2506.14707), skips steps while residual magnitudes barely change.
-
-    ``mag_ratios`` is checkpoint-dependent and has no honest default: ``"flux"`` for FLUX.1
-    checkpoints, or the list ``calibrate_mag_ratios(pipe)`` measures (the builder can record it).
-    """
-
-    name: ClassVar[str] = "magcache"
-    mag_ratios: str | tuple[float, ...] | None = custom_field(None, _mag_ratios, "per-step residual magnitude ratios")
-    threshold: float = float_field(0.06, 0.0, 1.0, "accumulated error allowed before a full step")
-    max_skip_steps: int = int_field(3, 0, 20, "most consecutive skipped steps; 0 = never skip")
-    retention_ratio: float = float_field(0.2, 0.0, 1.0, "fraction of first steps never skipped")
-
-    def base_ratios(self) -> torch.Tensor:
-        if self.mag_ratios == "flux":
-            return FLUX_MAG_RATIOS.clone()
-        return torch.tensor(self.mag_ratios, dtype=torch.float32)
-
-    def to_diffusers(self, pipe: Any) -> dh.MagCacheConfig:
-        ratios = self.base_ratios()
-        return dh.MagCacheConfig(
-            threshold=self.threshold,
-            max_skip_steps=self.max_skip_steps,
-            retention_ratio=self.retention_ratio,
-            num_inference_steps=len(ratios),
-            mag_ratios=ratios,
-        )
-
-
-BuiltinConfig = PABConfig | FasterCacheConfig | FirstBlockConfig | TaylorSeerConfig | MagCacheConfig
+def base_ratios(config: MagCacheConfig) -> torch.Tensor:
+    """MagCache's recorded per-step ratios as a tensor (``"flux"``: diffusers' FLUX.1 ratios)."""
+    if config.mag_ratios == "flux":
+        return FLUX_MAG_RATIOS.clone()
+    return torch.tensor(config.mag_ratios, dtype=torch.float32)
 
 
 def _hooks_named(denoiser: torch.nn.Module, names: Sequence[str]) -> list[ModelHook]:
@@ -194,10 +116,10 @@ def _hooks_named(denoiser: torch.nn.Module, names: Sequence[str]) -> list[ModelH
     return found
 
 
-def apply_builtin(pipe: Any, denoiser: torch.nn.Module, config: BuiltinConfig) -> StepTrackerHook:
+def apply(pipe: Any, denoiser: torch.nn.Module, config: BuiltinConfig) -> StepTrackerHook:
     """Enable the diffusers cache ``config`` describes on ``denoiser`` and put the tracker around it."""
     if config.name == "magcache" and config.mag_ratios is None:
-        raise SettingsError("mag_ratios", None, mag_ratios_required())
+        raise SettingsError("mag_ratios", None, MAG_RATIOS_REQUIRED)
     if config.name in ("first_block", "magcache"):
         blocks = transformer_blocks(denoiser)
         if len(blocks) < 2:
@@ -210,10 +132,7 @@ def apply_builtin(pipe: Any, denoiser: torch.nn.Module, config: BuiltinConfig) -
                     "name", config.name, f"diffusers' {config.name} does not know the block type {type(block).__name__}"
                 ) from None
 
-    if isinstance(config, TaylorSeerConfig):
-        dconfig = config.to_diffusers(pipe, dtype=denoiser.dtype)
-    else:
-        dconfig = config.to_diffusers(pipe)
+    dconfig = _to_diffusers(pipe, config, denoiser.dtype)
     denoiser.enable_cache(dconfig)
 
     swap: list[ModelHook] = []
@@ -223,7 +142,7 @@ def apply_builtin(pipe: Any, denoiser: torch.nn.Module, config: BuiltinConfig) -
     elif isinstance(config, FasterCacheConfig):
         swap = _hooks_named(denoiser, [_FASTER_CACHE_DENOISER_HOOK, _FASTER_CACHE_BLOCK_HOOK])
     elif isinstance(config, MagCacheConfig):
-        base = config.base_ratios()
+        base = base_ratios(config)
 
         def on_new_run() -> None:
             # diffusers fixes the step count in its config: follow each call's own count.
@@ -238,11 +157,9 @@ def apply_builtin(pipe: Any, denoiser: torch.nn.Module, config: BuiltinConfig) -
     return tracker
 
 
-def mag_ratios_required() -> str:
-    return (
-        'required: "flux" for FLUX.1 checkpoints, or the per-step list measured by '
-        "smash_runtime.cachers.calibrate_mag_ratios(pipe) on this checkpoint"
-    )
+def remove(denoiser: torch.nn.Module) -> None:
+    """Disable the diffusers cache ``apply`` enabled (the tracker is removed by the caller)."""
+    denoiser.disable_cache()
 
 
 def calibrate_mag_ratios(

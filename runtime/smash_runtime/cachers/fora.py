@@ -16,33 +16,19 @@ and branches come from the shared step tracker (``_tracker.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 from diffusers.utils.torch_utils import unwrap_module
 
+from ..anatomy import BLOCK_LISTS, transformer_blocks
 from ..errors import SettingsError
-from ._fields import int_field
+from ..settings import ForaConfig
 from ._tracker import StepTrackerHook, install_tracker
 
+__all__ = ["FORA_BLOCK_HOOK", "ForaConfig", "apply", "remove", "transformer_blocks"]
+
 FORA_BLOCK_HOOK = "smash_fora_block"
-# Block lists of diffusers DiTs, in execution order (FLUX: double-stream, then single-stream).
-_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
-
-
-@dataclass(frozen=True)
-class ForaConfig:
-    """``[runtime.cacher] name = "fora"``."""
-
-    name: ClassVar[str] = "fora"
-    interval: int = int_field(3, 1, 6, "full block computation every `interval` steps; 1 = no caching")
-    start_step: int = int_field(2, 0, None, "steps before this one always run fully")
-
-    def computes_at(self, step: int) -> bool:
-        return step < self.start_step or (step - self.start_step) % self.interval == 0
 
 
 class ForaBlockHook(ModelHook):
@@ -97,22 +83,12 @@ class ForaBlockHook(ModelHook):
         return tuple(out)
 
 
-def transformer_blocks(denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The denoiser's transformer blocks in execution order, as ``(qualified name, block)``."""
-    blocks = []
-    for list_name in _BLOCK_LISTS:
-        blocks_list = getattr(denoiser, list_name, None)
-        if isinstance(blocks_list, torch.nn.ModuleList):
-            blocks.extend((f"{list_name}.{i}", b) for i, b in enumerate(blocks_list))
-    return blocks
-
-
-def apply_fora(denoiser: torch.nn.Module, config: ForaConfig) -> StepTrackerHook:
+def apply(pipe, denoiser: torch.nn.Module, config: ForaConfig) -> StepTrackerHook:
     """Register FORA hooks on every transformer block of ``denoiser``; returns the step tracker."""
     blocks = transformer_blocks(denoiser)
     if not blocks:
         raise SettingsError(
-            "name", "fora", f"FORA needs a transformer with block lists ({', '.join(_BLOCK_LISTS)}); "
+            "name", "fora", f"FORA needs a transformer with block lists ({', '.join(BLOCK_LISTS)}); "
             f"{type(denoiser).__name__} has none"
         )
     for qualified, block in blocks:
@@ -130,3 +106,8 @@ def apply_fora(denoiser: torch.nn.Module, config: ForaConfig) -> StepTrackerHook
         HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, FORA_BLOCK_HOOK)
     install_tracker(denoiser, tracker)
     return tracker
+
+
+def remove(denoiser: torch.nn.Module) -> None:
+    """Remove the block hooks ``apply`` registered (the tracker is removed by the caller)."""
+    HookRegistry.check_if_exists_or_initialize(denoiser).remove_hook(FORA_BLOCK_HOOK, recurse=True)

@@ -23,26 +23,15 @@ import logging
 
 import torch
 
+from ..settings import COMPILER_SETTINGS, CompilerConfig, StableFastConfig, TorchCompileConfig, WarmupConfig
+from ..settings import WarmupShape, compiler_from_dict, settings_to_dict, warmup_from_dict
 from .compile_cache import CompileCache, artifact_sha256, default_cache_root, device_identity
-from .config import (
-    SCOPES,
-    TORCH_COMPILE_MODES,
-    CompilerConfig,
-    StableFastConfig,
-    TorchCompileConfig,
-    WarmupConfig,
-    WarmupShape,
-    compiler_config_from_dict,
-    config_to_dict,
-    warmup_config_from_dict,
-)
 from .stable_fast import apply_stable_fast
 from .torch_compile import apply_torch_compile, denoiser_of, repeated_blocks
 from .warmup import warm_up
 
 __all__ = [
-    "SCOPES",
-    "TORCH_COMPILE_MODES",
+    "COMPILERS",
     "CompileCache",
     "CompilerConfig",
     "StableFastConfig",
@@ -62,6 +51,12 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# The compilers' names for the settings models (smash_runtime.settings holds the definitions).
+COMPILERS = COMPILER_SETTINGS
+compiler_config_from_dict = compiler_from_dict
+warmup_config_from_dict = warmup_from_dict
+config_to_dict = settings_to_dict
 
 
 def apply_compiler(pipe, cfg: CompilerConfig, *, cache: CompileCache | None = None) -> None:

@@ -47,7 +47,8 @@ from typing import Any
 
 import torch
 
-from .config import TorchCompileConfig
+from ..format import artifact_sha256
+from ..settings import TorchCompileConfig
 from .precompiled import PrecompiledStore
 
 logger = logging.getLogger(__name__)
@@ -69,11 +70,6 @@ def default_cache_root() -> Path:
         return Path(os.environ[ENV_ROOT])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "smash" / "compile"
-
-
-def artifact_sha256(artifact_dir: str | os.PathLike, manifest: str = "smash.json") -> str:
-    """sha256 of the artifact's manifest, which itself lists the sha256 of every file."""
-    return hashlib.sha256((Path(artifact_dir) / manifest).read_bytes()).hexdigest()
 
 
 def _version(dist: str) -> str | None:

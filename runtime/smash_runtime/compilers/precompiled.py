@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from .config import TorchCompileConfig
+from ..settings import TorchCompileConfig
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import torch
 
 from smash_runtime.errors import UnsupportedOnDevice
 
-from .config import StableFastConfig
+from ..settings import StableFastConfig
 from .torch_compile import denoiser_of
 
 logger = logging.getLogger(__name__)

@@ -17,9 +17,10 @@ import logging
 
 import torch
 
+from smash_runtime import anatomy
 from smash_runtime.errors import SettingsError, SmashError
 
-from .config import TorchCompileConfig
+from ..settings import TorchCompileConfig
 from .precompiled import PrecompiledStore
 
 logger = logging.getLogger(__name__)
@@ -30,13 +31,7 @@ COMPILED_ATTR = "_smash_compiled"
 
 def denoiser_of(pipe) -> torch.nn.Module:
     """The pipeline's denoiser (``transformer`` or ``unet``); a bare module is its own denoiser."""
-    if isinstance(pipe, torch.nn.Module):
-        return pipe
-    for name in ("transformer", "unet"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise SmashError(f"{type(pipe).__name__} has no transformer or unet to compile")
+    return pipe if isinstance(pipe, torch.nn.Module) else anatomy.denoiser_of(pipe)
 
 
 def repeated_blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:

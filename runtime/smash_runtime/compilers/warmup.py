@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .config import WarmupConfig
+from ..settings import WarmupConfig
 
 logger = logging.getLogger(__name__)
 
