@@ -317,6 +317,16 @@ CASES: list[Case] = [
     Case("files-size-string", _file_field(VAE_WEIGHTS, "size", "big"), r"size"),
     Case("unknown-top-level-field", _set("loader_hook", "os.system"), r"loader_hook.*Extra inputs"),
     Case("pipeline-class-number", _set("pipeline_class", 7), r"pipeline_class"),
+    # -- recorded runtime settings outside what the settings models allow --------------------------------
+    Case("warmup-shape-2-to-the-40", _set("runtime", {"warmup": {"shapes": [
+        {"height": 2 ** 40, "width": 64, "steps": 2, "batch": 1}]}}), r"runtime\.warmup.*height"),
+    Case("warmup-batch-huge", _set("runtime", {"warmup": {"shapes": [
+        {"height": 64, "width": 64, "steps": 2, "batch": 100_000}]}}), r"runtime\.warmup.*batch"),
+    Case("cacher-unknown-name", _set("runtime", {"cacher": {"name": "os.system"}}), r"runtime\.cacher.*name"),
+    Case("cacher-interval-string", _set("runtime", {"cacher": {"name": "fora", "interval": "3; rm -rf"}}),
+         r"runtime\.cacher.*interval"),
+    Case("compiler-unknown-mode", _set("runtime", {"compiler": {"name": "torch_compile", "mode": "eval"}}),
+         r"runtime\.compiler.*mode"),
 ]
 
 

@@ -34,9 +34,9 @@ import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ArtifactError, shorten
+from .errors import ArtifactError, SettingsError, shorten
 
 FORMAT_NAME = "smash-artifact"
 FORMAT_VERSION = 2  # 2: fused projections stored as their parts' rows; quantization_config in config.json
@@ -177,12 +177,67 @@ class TransformsRecord(BaseModel):
 
 
 class RuntimeRecord(_Strict):
-    """The recorded ``[runtime]`` tables; their fields are validated by the cacher/compiler models at use."""
+    """The recorded ``[runtime]`` tables, validated by the runtime's settings models when the record is read.
+
+    The tables stay as recorded (so the record round-trips byte for byte); the typed configs
+    the hooks take are ``cacher_config``, ``compiler_config``, ``warmup_config`` and ``serve_settings``.
+    """
 
     cacher: dict[str, Any] | None = None
     compiler: dict[str, Any] | None = None
     warmup: dict[str, Any] | None = None
     serve: dict[str, Any] | None = None  # Ray Serve scaling ([serve] in the manifest)
+
+    @model_validator(mode="after")
+    def _tables_are_valid_settings(self) -> RuntimeRecord:
+        for table in ("cacher", "compiler", "warmup", "serve"):
+            try:
+                getattr(self, f"_{table}_typed")()
+            except SettingsError as exc:
+                raise ValueError(f"[runtime.{table}] {exc}") from None
+        return self
+
+    def _cacher_typed(self):
+        from .settings import cacher_from_dict
+
+        return cacher_from_dict(self.cacher) if self.cacher else None
+
+    def _compiler_typed(self):
+        from .settings import compiler_from_dict
+
+        return compiler_from_dict(self.compiler) if self.compiler else None
+
+    def _warmup_typed(self):
+        from .settings import warmup_from_dict
+
+        return warmup_from_dict(self.warmup or {})
+
+    def _serve_typed(self):
+        if self.serve is None:
+            return None
+        from .server.scaling import serve_settings_from_dict
+
+        return serve_settings_from_dict(self.serve)
+
+    @property
+    def cacher_config(self):
+        """The recorded cacher as its typed config (``ForaConfig``, ...), or None."""
+        return self._cacher_typed()
+
+    @property
+    def compiler_config(self):
+        """The recorded compiler as its typed config (``TorchCompileConfig``, ...), or None."""
+        return self._compiler_typed()
+
+    @property
+    def warmup_config(self):
+        """The recorded warm-up shapes as a ``WarmupConfig`` (empty when none were recorded)."""
+        return self._warmup_typed()
+
+    @property
+    def serve_settings(self):
+        """The recorded Ray Serve scaling as ``ServeSettings``, or None."""
+        return self._serve_typed()
 
 
 class ArtifactRecord(_Strict):

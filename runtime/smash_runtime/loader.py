@@ -322,38 +322,36 @@ def load(
         pipe.to(device)
     pipe.set_progress_bar_config(disable=not progress)
 
+    # Typed once when the record was read; a table given to ``load`` is parsed by the same models.
+    from .settings import cacher_from_dict, compiler_from_dict
+
     runtime = record.runtime_settings
-    compiler_settings = runtime.compiler if compiler is True else (compiler or None)
-    cacher_settings = runtime.cacher if cacher is True else (cacher or None)
+    compiler_cfg = runtime.compiler_config if compiler is True else (compiler_from_dict(compiler) if compiler else None)
+    cacher_cfg = runtime.cacher_config if cacher is True else (cacher_from_dict(cacher) if cacher else None)
     info = LoadInfo(root=root, record=record, device=device, timings=timings)
     pipe.smash = info
-    if compiler_settings:
-        from .compilers import (
-            CompileCache,
-            apply_compiler,
-            artifact_sha256,
-            compiler_config_from_dict,
-            default_cache_root,
-        )
+    if compiler_cfg is not None:
+        from .compilers import CompileCache, apply_compiler, artifact_sha256, default_cache_root
+        from .settings import settings_to_dict
 
-        cfg = compiler_config_from_dict(compiler_settings)
         cache_dir = default_cache_root() if compile_cache is True else (compile_cache or None)
         cache = CompileCache(cache_dir, artifact_hash=artifact_sha256(root)) if cache_dir else None
         # torch.compile is lazy: this only wraps; the compile time lands in the warm-up phase.
         with phase("compile"):
-            apply_compiler(pipe, cfg, cache=cache)
-        info.compiler = compiler_settings
+            apply_compiler(pipe, compiler_cfg, cache=cache)
+        info.compiler = settings_to_dict(compiler_cfg)
         info.compile_cache = cache
-    if cacher_settings:
-        from .cachers import apply_cacher, cacher_config_from_dict
+    if cacher_cfg is not None:
+        from .cachers import apply_cacher
+        from .settings import settings_to_dict
 
-        apply_cacher(pipe, cacher_config_from_dict(cacher_settings))
-        info.cacher = cacher_settings
+        apply_cacher(pipe, cacher_cfg)
+        info.cacher = settings_to_dict(cacher_cfg)
     if warmup:
-        from .compilers import warm_up, warmup_config_from_dict
+        from .compilers import warm_up
 
         with phase("warmup"):
-            warm_up(pipe, warmup_config_from_dict(runtime.warmup or {}), progress=progress)
+            warm_up(pipe, runtime.warmup_config, progress=progress)
     logger.info("loaded %s on %s: %s", root, device, json.dumps({k: round(v, 3) for k, v in timings.items()}))
     return pipe
 
