@@ -167,7 +167,7 @@ def test_tiny_sdxl_example():
     m = load_manifest(MANIFESTS / "tiny-sdxl.toml")
     assert m.model == ModelSpec(source="builtin:tiny-sdxl", revision=None, dtype="float32", components=None)
     assert m.build.quantize == QuantizeSpec("int8wo", ("norm", "embedding"))
-    assert m.runtime.cacher == {"name": "deepcache", "interval": 3, "branch": 0, "start_step": 0}
+    assert m.runtime.cacher == {"name": "deepcache", "interval": 3, "branch": 0, "layer": None, "start_step": 0}
     assert m.output.dir == ROOT / "dist" / "tiny-sdxl"
 
 

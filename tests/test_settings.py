@@ -217,3 +217,15 @@ def test_cli_commands_that_never_import_torch(tmp_path, args):
         assert "Traceback" not in result.stderr and "nests" in result.stderr
     else:
         assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_server_limits_cannot_exceed_the_shared_ceilings():
+    """The server never accepts what the manifest's warm-up bounds would refuse."""
+    from smash_runtime.errors import SettingsError
+    from smash_runtime.server.settings import ServerSettings
+    from smash_runtime.settings import MAX_BATCH, MAX_SIDE, MAX_STEPS
+
+    assert ServerSettings(max_size=MAX_SIDE, max_steps=MAX_STEPS, max_n=MAX_BATCH).max_size == MAX_SIDE
+    for name, ceiling in (("max_size", MAX_SIDE), ("max_steps", MAX_STEPS), ("max_n", MAX_BATCH)):
+        with pytest.raises(SettingsError, match=name):
+            ServerSettings(**{name: ceiling + 1})

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import SettingsError, SmashError, did_you_mean
+from ..settings import MAX_BATCH, MAX_SIDE, MAX_STEPS
 
 
 class WarmupConflict(SmashError):
@@ -76,6 +77,11 @@ class ServerSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SettingsError(name, value, "a whole number >= 1")
+        # The same ceilings bound recorded warm-up shapes (smash_runtime.settings), so nothing the
+        # server may be configured to accept is refused by the manifest, and no artifact can ask for more.
+        for name, ceiling in (("max_size", MAX_SIDE), ("max_steps", MAX_STEPS), ("max_n", MAX_BATCH)):
+            if getattr(self, name) > ceiling:
+                raise SettingsError(name, getattr(self, name), f"a whole number from 1 to {ceiling}")
         if self.min_size > self.max_size:
             raise SettingsError("min_size", self.min_size, f"at most max_size ({self.max_size})")
         for name in ("request_timeout_s", "shutdown_grace_s"):
