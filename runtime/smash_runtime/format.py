@@ -192,52 +192,45 @@ class RuntimeRecord(_Strict):
     def _tables_are_valid_settings(self) -> RuntimeRecord:
         for table in ("cacher", "compiler", "warmup", "serve"):
             try:
-                getattr(self, f"_{table}_typed")()
+                self._typed(table)
             except SettingsError as exc:
                 raise ValueError(f"[runtime.{table}] {exc}") from None
         return self
 
-    def _cacher_typed(self):
-        from .settings import cacher_from_dict
+    def _typed(self, table: str):
+        # Imported here: the settings models are torch-free but the record is read by tools that need none.
+        from . import settings
 
-        return cacher_from_dict(self.cacher) if self.cacher else None
-
-    def _compiler_typed(self):
-        from .settings import compiler_from_dict
-
-        return compiler_from_dict(self.compiler) if self.compiler else None
-
-    def _warmup_typed(self):
-        from .settings import warmup_from_dict
-
-        return warmup_from_dict(self.warmup or {})
-
-    def _serve_typed(self):
-        if self.serve is None:
+        value = getattr(self, table)
+        if table == "warmup":
+            return settings.warmup_from_dict(value or {})
+        if not value:
             return None
-        from .server.scaling import serve_settings_from_dict
+        if table == "serve":
+            from .server.scaling import serve_settings_from_dict
 
-        return serve_settings_from_dict(self.serve)
+            return serve_settings_from_dict(value)
+        return settings.cacher_from_dict(value) if table == "cacher" else settings.compiler_from_dict(value)
 
     @property
     def cacher_config(self):
         """The recorded cacher as its typed config (``ForaConfig``, ...), or None."""
-        return self._cacher_typed()
+        return self._typed("cacher")
 
     @property
     def compiler_config(self):
         """The recorded compiler as its typed config (``TorchCompileConfig``, ...), or None."""
-        return self._compiler_typed()
+        return self._typed("compiler")
 
     @property
     def warmup_config(self):
         """The recorded warm-up shapes as a ``WarmupConfig`` (empty when none were recorded)."""
-        return self._warmup_typed()
+        return self._typed("warmup")
 
     @property
     def serve_settings(self):
         """The recorded Ray Serve scaling as ``ServeSettings``, or None."""
-        return self._serve_typed()
+        return self._typed("serve")
 
 
 class ArtifactRecord(_Strict):
