@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,8 +138,23 @@ def test_a_good_load_opens_only_listed_files(good):
     assert pipe.smash.timings["verify"] > 0
 
 
-def test_unlisted_files_beside_listed_ones_are_never_read(good, tmp_path):
+@pytest.mark.parametrize("rel", sorted(UNLISTED))
+def test_unlisted_file_beside_listed_ones_is_refused(good, tmp_path, rel):
     root = tmp_path / "art"
+    shutil.copytree(good, root)
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(UNLISTED[rel])
+    for mode in ("full", "fast", "off"):
+        with watch_opens() as opened, pytest.raises(ArtifactError, match=f"{re.escape(rel)}: not listed"):
+            smash_runtime.load(root, device="cpu", verify=mode)
+        assert not [p for p in opened if p.endswith(rel)]
+    result = CliRunner().invoke(smash_run, [str(root), "--device", "cpu", "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 3 and rel in result.stderr
+
+
+def test_unlisted_files_in_a_hub_snapshot_are_never_read(good, tmp_path):
+    # Other downloads of the same repo may add files to a cache snapshot: ignored, never opened.
+    root = tmp_path / "hub" / "models--org--name" / "snapshots" / ("0" * 40)
     shutil.copytree(good, root)
     for rel, data in UNLISTED.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)

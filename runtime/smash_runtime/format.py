@@ -403,6 +403,29 @@ def file_table(root: str | os.PathLike, exclude: frozenset[str] = UNHASHED_FILES
     return table
 
 
+def _is_hub_snapshot(root_real: Path) -> bool:
+    repo = root_real.parent.parent
+    return root_real.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--", "spaces--"))
+
+
+def refuse_unlisted_files(root_real: Path, record: ArtifactRecord) -> None:
+    """Refuse an artifact folder holding a file its record does not list (``smash.json`` aside).
+
+    Libraries pick up optional files by name (a tokenizer's ``added_tokens.json``, a
+    ``*.bin`` weight file); the loader never hands them one, and a folder that holds one was
+    changed after the build. Hub cache snapshots are exempt: other downloads of the same
+    repo may add files there, and the loader ignores them.
+    """
+    for folder, dirs, names in os.walk(root_real):
+        dirs.sort()
+        for name in sorted(names):
+            rel = Path(folder, name).relative_to(root_real).as_posix()
+            if rel != RECORD_FILE and rel not in record.files:
+                raise ArtifactError(
+                    f"{rel[:200]}: not listed in {RECORD_FILE} 'files'; an artifact holds only the files its "
+                    "record lists (this one was added after the build: remove it, or rebuild)", file=rel)
+
+
 def _is_hub_blob(root_real: Path, path: Path) -> bool:
     """The Hub cache exception: ``path`` is a symlink into the same repo's blob store.
 
@@ -412,7 +435,7 @@ def _is_hub_blob(root_real: Path, path: Path) -> bool:
     that repo's own ``blobs`` folder.
     """
     repo = root_real.parent.parent
-    if root_real.parent.name != "snapshots" or not repo.name.startswith(("models--", "datasets--", "spaces--")):
+    if not _is_hub_snapshot(root_real):
         return False
     try:
         target = path.resolve(strict=True)
@@ -507,6 +530,8 @@ def verify_files(root: str | os.PathLike, record: ArtifactRecord, mode: VerifyMo
     if mode not in ("full", "fast", "off"):
         raise ValueError(f"verify={shorten(mode)}: expected 'full', 'fast' or 'off'")
     root_real = Path(root).resolve(strict=True)
+    if not _is_hub_snapshot(root_real):
+        refuse_unlisted_files(root_real, record)
     paths: dict[str, Path] = {}
     for rel, expected in sorted(record.files.items()):
         path = resolve_listed(root_real, rel)
