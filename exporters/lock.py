@@ -21,6 +21,7 @@ site-packages.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import shutil
