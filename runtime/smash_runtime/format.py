@@ -520,9 +520,13 @@ class ListedFiles:
         return parse_json(self.read_bytes(rel, field), rel)
 
 
-def verify_files(root: str | os.PathLike, record: ArtifactRecord, mode: VerifyMode = "full") -> ListedFiles:
+def verify_files(root: str | os.PathLike, record: ArtifactRecord, mode: VerifyMode = "full",
+                 *, refuse_unlisted: bool = False) -> ListedFiles:
     """Check every file the record lists: a regular file inside the root (always), its size
     (``fast``, ``full``) and its sha256 (``full``). Returns the checked files.
+
+    ``refuse_unlisted`` (the loader's choice) also refuses a local folder holding a file the
+    record does not list; publishing and image baking carry only listed files and ignore others.
 
     Raises:
         ArtifactError: naming the first file that is outside the root, missing, truncated or altered.
@@ -530,7 +534,7 @@ def verify_files(root: str | os.PathLike, record: ArtifactRecord, mode: VerifyMo
     if mode not in ("full", "fast", "off"):
         raise ValueError(f"verify={shorten(mode)}: expected 'full', 'fast' or 'off'")
     root_real = Path(root).resolve(strict=True)
-    if not _is_hub_snapshot(root_real):
+    if refuse_unlisted and not _is_hub_snapshot(root_real):
         refuse_unlisted_files(root_real, record)
     paths: dict[str, Path] = {}
     for rel, expected in sorted(record.files.items()):

@@ -308,7 +308,7 @@ def load(
             raise SettingsError("dtype", dtype, f"one of {sorted(_DTYPES)}")
         dtype = _DTYPES[dtype]
     with phase("verify"):
-        listed = verify_files(root, record, mode=verify)
+        listed = verify_files(root, record, mode=verify, refuse_unlisted=True)
     index = listed.read_json("model_index.json", field="pipeline_class")
     pipeline_cls = pipeline_class(record, index)
     with tempfile.TemporaryDirectory(prefix="smash-verified-") as scratch:
