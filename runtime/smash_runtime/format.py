@@ -34,7 +34,7 @@ import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import ArtifactError, SettingsError, shorten
 
@@ -188,49 +188,46 @@ class RuntimeRecord(_Strict):
     warmup: dict[str, Any] | None = None
     serve: dict[str, Any] | None = None  # Ray Serve scaling ([serve] in the manifest)
 
+    # The typed configs, made once by the validator below.
+    _typed: dict[str, Any] = PrivateAttr(default_factory=dict)
+
     @model_validator(mode="after")
     def _tables_are_valid_settings(self) -> RuntimeRecord:
-        for table in ("cacher", "compiler", "warmup", "serve"):
+        # Imported here: the record is read by tools that need no settings (and no torch).
+        from .server.scaling import serve_settings_from_dict
+        from .settings import cacher_from_dict, compiler_from_dict, warmup_from_dict
+
+        parsers = {"cacher": cacher_from_dict, "compiler": compiler_from_dict, "serve": serve_settings_from_dict}
+        for table, parse in parsers.items():
             try:
-                self._typed(table)
+                self._typed[table] = parse(getattr(self, table)) if getattr(self, table) else None
             except SettingsError as exc:
                 raise ValueError(f"[runtime.{table}] {exc}") from None
+        try:
+            self._typed["warmup"] = warmup_from_dict(self.warmup or {})
+        except SettingsError as exc:
+            raise ValueError(f"[runtime.warmup] {exc}") from None
         return self
-
-    def _typed(self, table: str):
-        # Imported here: the settings models are torch-free but the record is read by tools that need none.
-        from . import settings
-
-        value = getattr(self, table)
-        if table == "warmup":
-            return settings.warmup_from_dict(value or {})
-        if not value:
-            return None
-        if table == "serve":
-            from .server.scaling import serve_settings_from_dict
-
-            return serve_settings_from_dict(value)
-        return settings.cacher_from_dict(value) if table == "cacher" else settings.compiler_from_dict(value)
 
     @property
     def cacher_config(self):
         """The recorded cacher as its typed config (``ForaConfig``, ...), or None."""
-        return self._typed("cacher")
+        return self._typed["cacher"]
 
     @property
     def compiler_config(self):
         """The recorded compiler as its typed config (``TorchCompileConfig``, ...), or None."""
-        return self._typed("compiler")
+        return self._typed["compiler"]
 
     @property
     def warmup_config(self):
         """The recorded warm-up shapes as a ``WarmupConfig`` (empty when none were recorded)."""
-        return self._typed("warmup")
+        return self._typed["warmup"]
 
     @property
     def serve_settings(self):
         """The recorded Ray Serve scaling as ``ServeSettings``, or None."""
-        return self._typed("serve")
+        return self._typed["serve"]
 
 
 class ArtifactRecord(_Strict):
