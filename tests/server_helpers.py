@@ -111,6 +111,17 @@ def wait_until(predicate, timeout=60, what="condition"):
         time.sleep(0.02)
 
 
+def answers_200(proc, log_path, port, path, tail=4000):
+    """A predicate for ``wait_until``: ``path`` answers 200; fails at once (with the log) if ``proc`` died."""
+    def check():
+        assert proc.poll() is None, log_path.read_text()[-tail:]
+        try:
+            return call(port, "GET", path, timeout=5)[0] == 200
+        except OSError:
+            return False
+    return check
+
+
 @contextlib.contextmanager
 def stalled(pipe):
     """Make the transformer wait before every step until the yielded Event is set."""

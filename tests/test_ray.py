@@ -9,11 +9,9 @@ metrics agent.
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +32,8 @@ from ray.util.state import list_actors  # noqa: E402
 
 from smash_runtime.server.ray_serve import APP_NAME, DEPLOYMENT_NAME, REPLICA_HEADER, proxy_environment  # noqa: E402
 
+from server_helpers import answers_200, call, free_port  # noqa: E402
+
 GEN_ROUTE = "/v1/images/generations"
 REPLICA_CLASS = f"ServeReplica:{APP_NAME}:{DEPLOYMENT_NAME}"
 SCALING = {"replicas": 2, "max_ongoing_requests": 2, "max_queued_requests": 4, "num_cpus": 1.0, "threads": 1}
@@ -41,24 +41,6 @@ SCALING = {"replicas": 2, "max_ongoing_requests": 2, "max_queued_requests": 4, "
 
 def _script(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def call(port, method, path, body=None, timeout=120):
-    """(status, lower-case headers, body); raises on a connection reset or a timeout."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def gen(port, seed=0, steps=1, timeout=120):
@@ -177,15 +159,8 @@ def server(cluster, artifact, tmp_path_factory):
             stdout=log, stderr=subprocess.STDOUT,
         )
 
-    def ready():
-        assert proc.poll() is None, log_path.read_text()[-4000:]
-        try:
-            return call(port, "GET", "/ready", timeout=5)[0] == 200
-        except OSError:
-            return False
-
     try:
-        wait_until(ready, 300, "smash-serve --ray to be ready")
+        wait_until(answers_200(proc, log_path, port, "/ready"), 300, "smash-serve --ray to be ready")
         yield proc, port, log_path
     finally:
         if proc.poll() is None:

@@ -34,7 +34,7 @@ from smash_runtime.server import ServerSettings, create_app
 from smash_runtime.server.jsonlog import LOGGER, JsonFormatter
 
 from server_helpers import (  # shared with test_openai_compat.py
-    GEN_ROUTE, LIMITS, MANIFEST, LiveServer, call, free_port, gen, metric, metrics, reference_pngs, requests_total,
+    GEN_ROUTE, LIMITS, MANIFEST, LiveServer, answers_200, call, free_port, gen, metric, metrics, reference_pngs, requests_total,
     stalled, wait_ready, wait_until,
 )
 
@@ -406,14 +406,7 @@ def test_smash_serve_process_end_to_end_then_sigterm_mid_request(artifact, tmp_p
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "SMASH_API_KEY": token},
         )
     try:
-        def alive():
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                return call(port, "GET", "/health", timeout=5)[0] == 200
-            except OSError:
-                return False
-
-        wait_until(alive, timeout=120, what="smash-serve to listen")
+        wait_until(answers_200(proc, log_path, port, "/health", tail=3000), timeout=120, what="smash-serve to listen")
         assert call(port, "GET", "/ready", headers=auth)[0] == 503  # loading or warming up: the delay holds it
         assert call(port, "GET", "/ready")[0] == 401
         assert wait_ready(port, headers=auth)[-1] == "ready"
