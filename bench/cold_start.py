@@ -18,15 +18,7 @@ scenario's start-to-first-image to the eager one's (the warm-start target is <= 
     python bench/cold_start.py --runs 3 --markdown                           # CPU, tiny-flux
     python bench/cold_start.py --model flux-medium --device cuda --height 512 --width 512
 
-``--load-bench medium|2b`` measures the load instead, in one process: ``smash_runtime.load`` (each
-verify mode, no compiler) against ``DiffusionPipeline.from_pretrained`` of the same artifact folder,
-interleaved, with every phase of ``pipe.smash.timings``. diffusers maps the weight files and reads
-a page only when it is first used, so a second baseline row also reads every page once. The artifact is built first from a FLUX
-pipeline saved with diffusers (no fusion, no quantization: the weights diffusers reads are the
-ones the runtime reads): ``medium`` a 75M-parameter transformer in float32, ``2b`` a 2.0B-parameter
-one at FLUX's real width (24 heads x 128, 3 double + 7 single blocks) in bfloat16.
-
-    python bench/cold_start.py --load-bench medium --runs 5
+The load alone (``smash_runtime.load`` against ``from_pretrained``) is ``bench/load.py``.
 """
 
 from __future__ import annotations
@@ -156,108 +148,6 @@ def child(args) -> dict:
     return out
 
 
-# -- the load benchmark -------------------------------------------------------------------------
-
-LOAD_MODELS = {  # transformer config overrides and dtype
-    "medium": (dict(num_layers=4, num_single_layers=8, heads=8, head_dim=64), "float32"),
-    "2b": (dict(num_layers=3, num_single_layers=7, heads=24, head_dim=128), "bfloat16"),
-}
-
-
-def build_load_artifact(name: str, work: Path) -> Path:
-    """A FLUX pipeline saved by diffusers, then built into an artifact (cached in ``work``)."""
-    import torch
-
-    from smash_build.tiny_models import build_tiny, tiny_flux_transformer_config
-
-    overrides, dtype = LOAD_MODELS[name]
-    artifact = work / f"{name}-artifact"
-    if (artifact / "smash.json").is_file():
-        return artifact
-    source = work / f"{name}-source"
-    if not (source / "model_index.json").is_file():
-        with torch.device("cpu"):
-            pipe = build_tiny("tiny-flux", transformer_config=tiny_flux_transformer_config(**overrides))
-        pipe.to(getattr(torch, dtype)).save_pretrained(source)
-        del pipe
-    manifest = work / f"{name}.toml"
-    manifest.write_text(f'manifest_version = 1\n\n[model]\nsource = "{source}"\ndtype = "{dtype}"\n\n[build]\nfuse_qkv = false\n\n'
-                        f'[output]\ndir = "{artifact}"\n')
-    subprocess.run([str(Path(sys.executable).parent / "smash-build"), str(manifest)], check=True)
-    return artifact
-
-
-def touch_weights(pipe) -> None:
-    """Read one element of every 4 KiB page of every weight: from_pretrained maps files lazily."""
-    import torch
-
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            for tensor in [*component.parameters(), *component.buffers()]:
-                flat = tensor.detach().reshape(-1)
-                flat[:: max(1, 4096 // flat.element_size())].float().sum()
-
-
-def load_bench(args) -> str:
-    """``smash_runtime.load`` vs ``DiffusionPipeline.from_pretrained`` of the same folder, interleaved."""
-    import gc
-
-    import torch
-    from diffusers import DiffusionPipeline
-
-    import smash_runtime
-
-    torch.set_num_threads(args.threads)
-    work = args.keep or Path(tempfile.mkdtemp(prefix="smash-load-"))
-    work.mkdir(parents=True, exist_ok=True)
-    artifact = build_load_artifact(args.load_bench, work)
-    dtype = getattr(torch, LOAD_MODELS[args.load_bench][1])
-    params = None
-    times: dict[str, list[float]] = {}
-    phases: dict[str, list[dict[str, float]]] = {}
-    modes = ("full", "fast", "off")
-    for i in range(args.runs + 1):  # the first round warms the page cache and the imports, untimed
-        t = time.perf_counter()
-        pipe = DiffusionPipeline.from_pretrained(artifact, torch_dtype=dtype)
-        elapsed = time.perf_counter() - t
-        touch_weights(pipe)
-        touched = time.perf_counter() - t
-        params = sum(p.numel() for p in pipe.transformer.parameters())
-        del pipe
-        gc.collect()
-        if i:
-            times.setdefault("from_pretrained", []).append(elapsed)
-            times.setdefault("from_pretrained + read every page", []).append(touched)
-        for mode in modes:
-            t = time.perf_counter()
-            pipe = smash_runtime.load(artifact, device="cpu", verify=mode, cacher=False, compiler=False)
-            elapsed = time.perf_counter() - t
-            if i:
-                times.setdefault(f"load verify={mode}", []).append(elapsed)
-                phases.setdefault(mode, []).append(dict(pipe.smash.timings))
-            del pipe
-            gc.collect()
-        print(f"  round {i}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()) if i else "  warm-up round",
-              file=sys.stderr)
-    base = statistics.median(times["from_pretrained"])
-    lines = [
-        f"load, {args.load_bench}: FLUX transformer {params / 1e6:.1f}M parameters ({LOAD_MODELS[args.load_bench][1]}), "
-        f"artifact {artifact}; medians of {args.runs} interleaved in-process rounds, {args.threads} thread(s).",
-        "",
-        "| load | seconds | vs from_pretrained | phases (median s) |",
-        "|---|---:|---:|---|",
-    ]
-    for name, values in times.items():
-        median = statistics.median(values)
-        mode = name.split("=")[-1] if name.startswith("load") else None
-        detail = ""
-        if mode:
-            keys = sorted({k for run in phases[mode] for k in run})
-            detail = ", ".join(f"{k} {statistics.median(run.get(k, 0.0) for run in phases[mode]):.3f}" for k in keys)
-        lines.append(f"| {name} | {median:.3f} | {median / base:.2f}x | {detail} |")
-    return "\n".join(lines)
-
-
 # -- the driver --------------------------------------------------------------------------------
 
 
@@ -337,7 +227,6 @@ def main(argv=None) -> None:
     p.add_argument("--json", type=Path, help="write every run and the medians here")
     p.add_argument("--markdown", action="store_true", help="print the docs table")
     p.add_argument("--keep", type=Path, help="folder for the cache roots (default: a temporary one)")
-    p.add_argument("--load-bench", choices=tuple(LOAD_MODELS), help="measure load vs from_pretrained instead")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scenario", help=argparse.SUPPRESS)
     p.add_argument("--cache-root", help=argparse.SUPPRESS)
@@ -346,9 +235,6 @@ def main(argv=None) -> None:
     args.model_id = args.artifact or f"bench:{args.model}"
     if args.child:
         print(json.dumps(child(args)))
-        return
-    if args.load_bench:
-        print(load_bench(args))
         return
 
     scenarios = [s for s in args.scenarios.split(",") if s]

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# Hashes remembered by verify="fast" go to a folder of this run, not the user's cache; tests that
+# look at the record itself point SMASH_HASH_CACHE at their own folder.
+os.environ.setdefault("SMASH_HASH_CACHE", tempfile.mkdtemp(prefix="smash-test-hashes-"))
 
 
 @pytest.fixture(scope="module")

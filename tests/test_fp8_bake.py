@@ -118,8 +118,8 @@ def test_loader_honours_a_recorded_need_and_rejects_a_malformed_one(tmp_path):
     record["requires"] = {"device": "cuda", "compute_capability": "9.0"}
     path.write_text(json.dumps(manifest))
     with pytest.raises(UnsupportedOnDevice, match=r"int8wo, which needs a CUDA GPU with compute capability >= 9\.0"):
-        smash_runtime.load(result.artifact.path, device="cpu", verify="off")
+        smash_runtime.load(result.artifact.path, device="cpu")
     record["requires"] = {"device": "cuda", "compute_capability": "nine"}
     path.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="components.transformer.quantization.requires.*MAJOR.MINOR"):
-        smash_runtime.load(result.artifact.path, device="cpu", verify="off")
+        smash_runtime.load(result.artifact.path, device="cpu")

@@ -146,11 +146,9 @@ def test_not_an_artifact(tmp_path):
         smash_runtime.load(tmp_path / "nope" / "deeper", device="cpu")
 
 
-def test_verify_off_skips_hashes_but_structure_still_checked(artifact, tmp_path):
-    art = _copy(artifact, tmp_path)
-    (art / WEIGHTS).write_bytes(b"garbage")
-    with pytest.raises(ArtifactError, match="transformer/diffusion_pytorch_model.safetensors.*cannot read"):
-        smash_runtime.load(art, device="cpu", verify="off")
+def test_a_mode_without_a_check_is_refused(artifact):
+    with pytest.raises(ValueError, match="verify='off': expected 'full' or 'fast'.*no mode without a check"):
+        smash_runtime.load(artifact, device="cpu", verify="off")
 
 
 def test_int4wo_and_float32_fp8dq_on_cpu_give_clear_errors(tmp_path):
@@ -168,7 +166,7 @@ def test_fp8_recorded_artifact_refused_on_cpu_at_load(artifact, tmp_path):
     manifest["components"]["transformer"]["quantization"] = {"method": "fp8dq"}
     (art / RECORD_FILE).write_text(json.dumps(manifest))
     with pytest.raises(UnsupportedOnDevice, match="fp8dq.*CUDA"):
-        smash_runtime.load(art, device="cpu", verify="off")
+        smash_runtime.load(art, device="cpu")
 
 
 def test_killed_build_leaves_no_complete_looking_artifact(tmp_path):

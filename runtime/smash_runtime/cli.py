@@ -58,7 +58,8 @@ def fail(exc: BaseException, debug: bool) -> None:
 @click.option("--device", default=None, help="cuda, cpu, cuda:1 ... (default: CUDA when available).")
 @click.option("--no-cacher", is_flag=True, help="Do not apply the recorded cacher.")
 @click.option("--no-compile", is_flag=True, help="Do not apply the recorded compiler.")
-@click.option("--verify", type=click.Choice(["full", "fast", "off"]), default="full", show_default=True)
+@click.option("--verify", type=click.Choice(["fast", "full"]), default="fast", show_default=True,
+              help="fast: hash each file unless this machine already hashed that very, unchanged file; full: hash every file")
 @click.option("--compile-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Compile cache folder (default: $SMASH_COMPILE_CACHE, else $XDG_CACHE_HOME/smash/compile, "
                    "i.e. ~/.cache/smash/compile).")

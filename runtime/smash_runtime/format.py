@@ -36,6 +36,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from .checked_hashes import CheckedHashes, hash_in_parallel, sha256_file
 from .errors import ArtifactError, SettingsError, shorten
 
 FORMAT_NAME = "smash-artifact"
@@ -43,8 +44,11 @@ FORMAT_VERSION = 2  # 2: fused projections stored as their parts' rows; quantiza
 RECORD_FILE = "smash.json"
 # smash.json is the one file not covered by its own hash table.
 UNHASHED_FILES = frozenset({RECORD_FILE})
-VerifyMode = Literal["full", "fast", "off"]
-_CHUNK = 8 * 1024 * 1024
+# "full": hash every listed file now. "fast": hash a file unless this machine already hashed
+# this very file (same device, inode, size, mtime and ctime; see checked_hashes). Both refuse a
+# flipped byte before any weight is used; there is no mode that skips the check.
+VerifyMode = Literal["full", "fast"]
+VERIFY_MODES = ("full", "fast")
 
 # Bounds checked before a JSON parser sees the bytes: a record of a large model is well under
 # 1 MB; nesting deeper than a few levels is never written by the builder.
@@ -372,14 +376,6 @@ def read_record(root: str | os.PathLike) -> ArtifactRecord:
 # ---------------------------------------------------------------------------------------------
 # Files: hashing, listing, verification
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def artifact_sha256(root: str | os.PathLike) -> str:
     """The artifact's identity: sha256 of ``smash.json``, which lists the sha256 of every other file.
 
@@ -486,6 +482,7 @@ class ListedFiles:
         self.record = record
         self.mode = mode
         self._paths = paths
+        self.hashed: dict[str, int] = {}  # files hashed by this check (name: bytes); the others' hashes were reused
 
     def __contains__(self, rel: str) -> bool:
         return rel in self._paths
@@ -503,13 +500,14 @@ class ListedFiles:
         return self._paths[rel]
 
     def read_bytes(self, rel: str, field: str | None = None) -> bytes:
-        """The bytes of ``rel``, checked against the record (size always, sha256 when ``full``)."""
+        """The bytes of ``rel``, checked against the record's size and sha256."""
         data = self.path(rel, field).read_bytes()
         expected = self.record.files[rel]
-        if self.mode != "off" and len(data) != expected.size:
+        if len(data) != expected.size:
             raise ArtifactError(f"{rel}: size {len(data)} bytes, {RECORD_FILE} records {expected.size}: "
                                 "the file is truncated or was replaced", file=rel)
-        if self.mode == "full" and hashlib.sha256(data).hexdigest() != expected.sha256:
+        # The bytes handed on are the bytes hashed, in every mode: configs and vocabularies are small.
+        if hashlib.sha256(data).hexdigest() != expected.sha256:
             raise ArtifactError(f"{rel}: sha256 does not match {RECORD_FILE}: the file is corrupted or was modified", file=rel)
         return data
 
@@ -518,9 +516,13 @@ class ListedFiles:
 
 
 def verify_files(root: str | os.PathLike, record: ArtifactRecord, mode: VerifyMode = "full",
-                 *, refuse_unlisted: bool = False) -> ListedFiles:
-    """Check every file the record lists: a regular file inside the root (always), its size
-    (``fast``, ``full``) and its sha256 (``full``). Returns the checked files.
+                 *, refuse_unlisted: bool = False, checked_hashes: Path | None | bool = True) -> ListedFiles:
+    """Check every file the record lists: a regular file inside the root, its size and its sha256.
+
+    ``mode="full"`` hashes every file; ``"fast"`` reuses a hash this machine already checked
+    for the very same file (see :mod:`smash_runtime.checked_hashes`). Files are hashed several
+    at a time. Either way the hashes that matched are remembered in ``checked_hashes`` (a
+    folder; ``True``: the default one; ``None``: nowhere).
 
     ``refuse_unlisted`` (the loader's choice) also refuses a local folder holding a file the
     record does not list; publishing and image baking carry only listed files and ignore others.
@@ -528,22 +530,34 @@ def verify_files(root: str | os.PathLike, record: ArtifactRecord, mode: VerifyMo
     Raises:
         ArtifactError: naming the first file that is outside the root, missing, truncated or altered.
     """
-    if mode not in ("full", "fast", "off"):
-        raise ValueError(f"verify={shorten(mode)}: expected 'full', 'fast' or 'off'")
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify={shorten(mode)}: expected 'full' or 'fast' (both hash every file once per change; "
+                         "'fast' reuses hashes of unchanged files, and there is no mode without a check)")
     root_real = Path(root).resolve(strict=True)
     if refuse_unlisted and not _is_hub_snapshot(root_real):
         refuse_unlisted_files(root_real, record)
+    hashes = CheckedHashes.for_root(root_real, checked_hashes)
     paths: dict[str, Path] = {}
+    to_hash: dict[str, Path] = {}
     for rel, expected in sorted(record.files.items()):
         path = resolve_listed(root_real, rel)
         paths[rel] = path
-        if mode == "off":
-            continue
-        size = path.stat().st_size
-        if size != expected.size:
+        st = path.stat()
+        if st.st_size != expected.size:
             raise ArtifactError(
-                f"{rel}: size {size} bytes, {RECORD_FILE} records {expected.size}: the file is truncated or was replaced",
+                f"{rel}: size {st.st_size} bytes, {RECORD_FILE} records {expected.size}: the file is truncated or was replaced",
                 file=rel)
-        if mode == "full" and sha256_file(path) != expected.sha256:
+        if mode == "full" or hashes.lookup(rel, st) != expected.sha256:
+            to_hash[rel] = path
+    hashed = hash_in_parallel(to_hash)
+    for rel in sorted(hashed):
+        digest, before, after, started = hashed[rel]
+        if digest != record.files[rel].sha256:
+            hashes.forget(rel)
+            hashes.save()
             raise ArtifactError(f"{rel}: sha256 does not match {RECORD_FILE}: the file is corrupted or was modified", file=rel)
-    return ListedFiles(root_real, record, paths, mode)
+        hashes.remember(rel, before, after, digest, started)
+    hashes.save()
+    listed = ListedFiles(root_real, record, paths, mode)
+    listed.hashed = {rel: record.files[rel].size for rel in hashed}
+    return listed

@@ -48,6 +48,7 @@ class LoadInfo:
     cacher: dict[str, Any] | None = None
     compiler: dict[str, Any] | None = None
     compile_cache: Any = None  # the active CompileCache; ``.report()`` says whether code came from disk
+    verification: dict[str, Any] = field(default_factory=dict)  # mode, files/bytes hashed now, hashes reused
 
     @property
     def artifact_id(self) -> str:
@@ -259,7 +260,7 @@ def load(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     *,
-    verify: VerifyMode = "full",
+    verify: VerifyMode = "fast",
     cacher: bool | dict[str, Any] = True,
     compiler: bool | dict[str, Any] = True,
     warmup: bool = False,
@@ -272,7 +273,9 @@ def load(
         path_or_repo_id: an artifact folder, or a Hub repo id ``ORG/NAME`` / ``ORG/NAME@REVISION``.
         device: ``"cuda"``, ``"cpu"``, ...; default CUDA when available.
         dtype: cast components that are not quantized (default: as stored).
-        verify: ``"full"`` checks every file's sha256, ``"fast"`` only sizes, ``"off"`` nothing.
+        verify: ``"fast"`` (default) hashes every file whose sha256 this machine has not already
+            checked for that very file (same device, inode, size, mtime and ctime);
+            ``"full"`` hashes every file now. Both refuse a changed byte before any weight is used.
         cacher: apply the recorded cacher (``True``), none (``False``), or this ``[runtime.cacher]`` table.
         compiler: apply the recorded compiler (``True``), none (``False``), or this table.
         warmup: run the recorded warm-up shapes before returning.
@@ -309,6 +312,8 @@ def load(
         dtype = _DTYPES[dtype]
     with phase("verify"):
         listed = verify_files(root, record, mode=verify, refuse_unlisted=True)
+    verification = {"mode": verify, "files": len(record.files), "hashed_files": len(listed.hashed),
+                    "hashed_bytes": sum(listed.hashed.values())}
     index = listed.read_json("model_index.json", field="pipeline_class")
     pipeline_cls = pipeline_class(record, index)
     with tempfile.TemporaryDirectory(prefix="smash-verified-") as scratch:
@@ -319,7 +324,8 @@ def load(
     with phase("assemble"):
         pipe = pipeline_cls(**components, **_pipeline_options(index, pipeline_cls, components))
     with phase("to_device"):
-        pipe.to(device)
+        if torch.device(device).type != "cpu":  # weights are read onto the CPU; walking every module costs
+            pipe.to(device)
     pipe.set_progress_bar_config(disable=not progress)
 
     # Typed once when the record was read; a table given to ``load`` is parsed by the same models.
@@ -328,7 +334,7 @@ def load(
     runtime = record.runtime_settings
     compiler_cfg = runtime.compiler_config if compiler is True else (compiler_from_dict(compiler) if compiler else None)
     cacher_cfg = runtime.cacher_config if cacher is True else (cacher_from_dict(cacher) if cacher else None)
-    info = LoadInfo(root=root, record=record, device=device, timings=timings)
+    info = LoadInfo(root=root, record=record, device=device, timings=timings, verification=verification)
     pipe.smash = info
     if compiler_cfg is not None:
         from .compilers import CompileCache, apply_compiler, artifact_sha256, default_cache_root
@@ -352,7 +358,9 @@ def load(
 
         with phase("warmup"):
             warm_up(pipe, runtime.warmup_config, progress=progress)
-    logger.info("loaded %s on %s: %s", root, device, json.dumps({k: round(v, 3) for k, v in timings.items()}))
+    logger.info("loaded %s on %s: %s; verify=%s hashed %d of %d files (%d bytes)", root, device,
+                json.dumps({k: round(v, 3) for k, v in timings.items()}), verify, verification["hashed_files"],
+                verification["files"], verification["hashed_bytes"])
     return pipe
 
 

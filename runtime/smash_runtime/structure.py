@@ -119,7 +119,11 @@ def build_skeleton(folder: Path, record: dict[str, Any]) -> nn.Module:
 def skeleton_from_config(cls: type, library: str, config: Any, fused_qkv: bool) -> nn.Module:
     """``build_skeleton`` from a config already read (the loader reads only verified files):
     a dict, or for transformers also a config object."""
-    with empty_weights():
+    from transformers.initialization import no_init_weights
+
+    # Every parameter is replaced by a stored weight, so initialising them (on meta, through
+    # torch's Python reference ops) is pure cost: most of the rebuild time before this.
+    with empty_weights(), no_init_weights():
         if library == "diffusers":
             model = cls.from_config(config)
         else:

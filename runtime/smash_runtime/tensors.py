@@ -239,18 +239,14 @@ def stored_weight_files(folder: str | os.PathLike, weights_name: str) -> list[Pa
     return [folder / weights_name]
 
 
-def _fresh(t: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(t, memory_format=torch.contiguous_format)
-    out.copy_(t)
-    return out
-
-
 def _read_file(path: Path, rel: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     name = rel or str(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            tensors = {key: _fresh(f.get_tensor(key)) for key in f.keys()}
+            # Tensors map the file's pages (copy-on-write) instead of copying them: the file was
+            # verified just before, and a copy would cost as much as reading the weights again.
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for every kind of damage
         raise ArtifactError(f"{name}: cannot read safetensors file ({exc})", file=rel) from exc
     if metadata.get(TORCHAO_KEY):

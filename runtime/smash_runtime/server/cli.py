@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default=os.environ.get("SMASH_HOST", "127.0.0.1"), help="(env SMASH_HOST)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("SMASH_PORT", "8000")), help="(env SMASH_PORT)")
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: CUDA when available)")
-    parser.add_argument("--verify", choices=["full", "fast", "off"], default="full", help="artifact file check")
+    parser.add_argument("--verify", choices=["fast", "full"], default="fast",
+                        help="fast: hash each file unless this machine already hashed that very, unchanged file; "
+                             "full: hash every file (default: %(default)s)")
     parser.add_argument("--no-cacher", action="store_true", help="do not apply the recorded cacher")
     parser.add_argument("--no-compile", action="store_true", help="do not apply the recorded compiler")
     cache = parser.add_mutually_exclusive_group()

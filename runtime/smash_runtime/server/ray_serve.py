@@ -58,7 +58,7 @@ class ReplicaOptions:
 
     artifact: str
     device: str | None = None
-    verify: str = "full"
+    verify: str = "fast"
     cacher: bool = True
     compiler: bool = True
     compile_cache: str | bool = True  # True: the default root (load's compile_cache); False: none
@@ -269,7 +269,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # so the app's 429 never fires behind Serve's back-pressure.
     server["max_queue"] = max(int(server.get("max_queue", 0)), scaling.max_ongoing_requests)
     options = ReplicaOptions(
-        artifact=str(args["artifact"]), device=args.get("device"), verify=args.get("verify", "full"),
+        artifact=str(args["artifact"]), device=args.get("device"), verify=args.get("verify", "fast"),
         cacher=bool(args.get("cacher", True)), compiler=bool(args.get("compiler", True)),
         compile_cache=_compile_cache_choice(args.get("compile_cache", True)),
         threads=scaling.torch_threads, server=server,
