@@ -77,7 +77,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_artifact(path_or_repo_id: str | os.PathLike) -> Path:
+def resolve_artifact(path_or_repo_id: str | os.PathLike, verify: VerifyMode = "fast") -> Path:
     """A local artifact folder, or the local snapshot of a Hub repo ``ORG/NAME[@REVISION]``."""
     path = Path(path_or_repo_id).expanduser()
     if path.exists():
@@ -88,7 +88,7 @@ def resolve_artifact(path_or_repo_id: str | os.PathLike) -> Path:
     from .hub import download_artifact, parse_repo_ref
 
     repo_id, revision = parse_repo_ref(text)
-    return download_artifact(repo_id, revision)
+    return download_artifact(repo_id, revision, verify=verify)
 
 
 def check_device_support(record: ArtifactRecord, device: str) -> None:
@@ -300,7 +300,7 @@ def load(
     timings: dict[str, float] = {}
     phase = _Phases(timings)
     with phase("resolve"):
-        root = resolve_artifact(path_or_repo_id)
+        root = resolve_artifact(path_or_repo_id, verify)
     # Everything about the record is checked before any other file of the artifact is opened.
     record = read_record(root)
     classes = {name: component_class(name, component) for name, component in sorted(record.components.items())}
