@@ -3,7 +3,7 @@
 #
 # The GPU machines (Python 3.12, torch 2.11+cu130) already hold torch, transformers, huggingface_hub,
 # safetensors, torchmetrics, numpy, pillow, click, rich, psutil, regex, requests, filelock, tqdm;
-# they lack diffusers, torchao and our two packages. This fetches/builds exactly those, for
+# they lack diffusers, torchao, blake3 (format-3 file hashes) and our two packages. This fetches/builds exactly those, for
 # CPython 3.12 on linux x86_64, into an ignored folder (default .device/wheels) that travels with
 # the working tree (keep it well under the 64 MiB carry limit):
 #
@@ -23,7 +23,7 @@ mkdir -p "$DEST"
 target=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
         --platform any -d "$DEST")
-"$PY" -m pip download -q "${target[@]}" diffusers==0.42.1 torchao==0.18.0
+"$PY" -m pip download -q "${target[@]}" diffusers==0.42.1 torchao==0.18.0 "blake3>=1.0,<2"
 # diffusers' other requirement, importlib_metadata, is only imported on Python < 3.8: not carried.
 
 # Our two distributions, from this checkout (pure python).

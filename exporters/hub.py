@@ -22,7 +22,6 @@ artifact, and scrubbed from every error message.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smash_runtime.errors import ArtifactError, SettingsError, SmashError
-from smash_runtime.format import RECORD_FILE, ArtifactRecord, read_record, record_from_data, verify_files
+from smash_runtime.format import RECORD_FILE, ArtifactRecord, file_entry, read_record, record_from_data, verify_files
 from smash_runtime.hub import parse_repo_ref, scrub
 
 logger = logging.getLogger("smash_build.hub")
@@ -88,7 +87,7 @@ def _card_for_repo(root: Path, record: ArtifactRecord, card: CardRenderer | None
         logger.info("%s was edited by hand: publishing it as it is", CARD_FILE)
         return {}
     readme = text.encode("utf-8")
-    data["files"][CARD_FILE] = {"sha256": hashlib.sha256(readme).hexdigest(), "size": len(readme)}
+    data["files"][CARD_FILE] = file_entry(readme)
     return {CARD_FILE: readme, RECORD_FILE: record_from_data(data).dumps().encode("utf-8")}
 
 

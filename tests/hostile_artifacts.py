@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from smash_runtime.format import RECORD_FILE, sha256_file
+from smash_runtime.format import RECORD_FILE, file_entry
 
 TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
@@ -73,7 +73,7 @@ def relist(root: Path, *rels: str) -> None:
     data = record(root)
     for rel in rels:
         path = root / rel
-        data["files"][rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+        data["files"][rel] = file_entry(path=path)
     write_record(root, data)
 
 
@@ -91,7 +91,7 @@ def list_outside(path_in_record: Callable[[Path], str]) -> Callable[[Path, Path]
     def mutate(root: Path, outside: Path) -> None:
         data = record(root)
         target = outside / "config.json"
-        data["files"][path_in_record(outside)] = {"sha256": sha256_file(target), "size": target.stat().st_size}
+        data["files"][path_in_record(outside)] = file_entry(path=target)
         write_record(root, data)
     return mutate
 

@@ -292,7 +292,7 @@ def test_repo_file_not_matching_smash_json_is_refused(client, tmp_path, hub):
     files = tree_bytes(make_artifact(tmp_path / "art"))
     files[WEIGHTS] = files[WEIGHTS][:-1] + b"\1"  # same size, different bytes
     hub.seed_repo("smash/altered", files)
-    with pytest.raises(ArtifactError, match="sha256 does not match") as err:
+    with pytest.raises(ArtifactError, match="blake3 does not match") as err:
         download_artifact("smash/altered")
     assert err.value.file == WEIGHTS
 

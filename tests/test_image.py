@@ -188,7 +188,7 @@ def test_context_refuses_bad_input(artifact, wheelhouse, tmp_path):
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="sha256"):
+    with pytest.raises(ArtifactError, match="blake3 does not match"):
         img.write_build_context(broken, tmp_path / "c", wheelhouse=wheelhouse)
 
 

@@ -78,7 +78,7 @@ def test_every_mode_refuses_one_flipped_byte_before_any_image(art, tmp_path, mod
     _load(art, "fast")  # its hash is remembered: "fast" must still notice the change
     assert _load(art, "fast").smash.verification["hashed_files"] == 0
     _flip_keeping_size_and_mtime(art / WEIGHTS)
-    with pytest.raises(ArtifactError, match=f"{WEIGHTS}: sha256 does not match") as info:
+    with pytest.raises(ArtifactError, match=f"{WEIGHTS}: blake3 does not match") as info:
         _load(art, mode)
     assert info.value.file == WEIGHTS
     out = tmp_path / "x.png"
@@ -86,7 +86,7 @@ def test_every_mode_refuses_one_flipped_byte_before_any_image(art, tmp_path, mod
     assert run.exit_code == 3 and WEIGHTS in run.stderr, run.stderr
     assert not out.exists()
     # And it stays refused: a failed check is not remembered as a pass.
-    with pytest.raises(ArtifactError, match="sha256 does not match"):
+    with pytest.raises(ArtifactError, match="blake3 does not match"):
         _load(art, "fast")
 
 
@@ -118,7 +118,7 @@ def test_a_record_for_other_bytes_is_not_taken(art, tmp_path):
     [record] = (tmp_path / "hashes").glob("*.json")
     data = json.loads(record.read_text())
     assert data["files"][WEIGHTS]["identity"][1] == os.stat(art / WEIGHTS).st_ino
-    data["files"][WEIGHTS]["sha256"] = "0" * 64
+    data["files"][WEIGHTS]["digest"] = "blake3:" + "0" * 64
     record.write_text(json.dumps(data))
     assert _load(art, "fast").smash.verification["hashed_files"] == 1
 
@@ -136,3 +136,20 @@ def test_there_is_no_mode_without_a_check(art):
     run = CliRunner().invoke(smash_run, [str(art), "--device", "cpu", "--verify", "off"])
     assert run.exit_code == 2 and "'off' is not one of" in run.stderr
     assert (art / RECORD_FILE).is_file()
+
+
+def test_a_format_2_record_is_checked_with_its_sha256(art):
+    """Artifacts written before format 3 list sha256 only: still read, still checked, byte for byte."""
+    path = art / RECORD_FILE
+    data = json.loads(path.read_text())
+    assert data["format_version"] == 3 and all(len(e["blake3"]) == 64 for e in data["files"].values())
+    data["format_version"] = 2
+    for entry in data["files"].values():
+        del entry["blake3"]
+    path.write_text(json.dumps(data))
+    pipe = _load(art, "full")
+    assert pipe.smash.verification["hashed_files"] == len(data["files"])
+    _flip_keeping_size_and_mtime(art / WEIGHTS)
+    for mode in MODES:
+        with pytest.raises(ArtifactError, match=f"{WEIGHTS}: sha256 does not match"):
+            _load(art, mode)

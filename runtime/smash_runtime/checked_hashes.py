@@ -1,6 +1,6 @@
 """Hashes this machine already checked, trusted again only while the file is provably unchanged.
 
-``verify="fast"`` (the default) hashes a listed file once; the sha256 it matched is kept with
+``verify="fast"`` (the default) hashes a listed file once; the digest it matched is kept with
 the file's identity: device, inode, size, mtime and ctime (nanoseconds). A later load reuses
 the hash only while all five are unchanged. Writing to a file moves its ctime, and no user
 call sets a ctime back (``utime`` sets mtime and atime only), so a flipped byte, a truncation
@@ -28,11 +28,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from blake3 import blake3
+
 logger = logging.getLogger("smash_runtime")
 
 ENV_ROOT = "SMASH_HASH_CACHE"
 RACY_NS = 2_000_000_000  # FAT keeps mtime in 2 s steps; every other local file system is finer
-_FORMAT = 1
+_FORMAT = 2  # 2: digests are "ALGORITHM:HEX"
 _MAX_BYTES = 4 * 1024 * 1024
 _CHUNK = 8 * 1024 * 1024
 
@@ -57,6 +59,26 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_digest(path: str | os.PathLike, algorithm: str) -> str:
+    """``"ALGORITHM:HEX"`` of a file: ``"blake3"`` (mapped, hashed on every core) or ``"sha256"``."""
+    if algorithm == "blake3":
+        if os.stat(path).st_size == 0:  # an empty file cannot be mapped
+            return f"blake3:{blake3().hexdigest()}"
+        return f"blake3:{blake3(max_threads=blake3.AUTO).update_mmap(path).hexdigest()}"
+    if algorithm == "sha256":
+        return f"sha256:{sha256_file(path)}"
+    raise ValueError(f"unknown hash algorithm {algorithm!r}")
+
+
+def bytes_digest(data: bytes, algorithm: str) -> str:
+    """``"ALGORITHM:HEX"`` of bytes in memory."""
+    if algorithm == "blake3":
+        return f"blake3:{blake3(data).hexdigest()}"
+    if algorithm == "sha256":
+        return f"sha256:{hashlib.sha256(data).hexdigest()}"
+    raise ValueError(f"unknown hash algorithm {algorithm!r}")
 
 
 class CheckedHashes:
@@ -96,24 +118,24 @@ class CheckedHashes:
             logger.info("ignoring the checked-hash record %s (another format or folder); files are hashed again", file)
             return {}
         return {rel: e for rel, e in data["files"].items()
-                if isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("identity"), list)}
+                if isinstance(e, dict) and isinstance(e.get("digest"), str) and isinstance(e.get("identity"), list)}
 
     def lookup(self, rel: str, st: os.stat_result) -> str | None:
-        """The sha256 remembered for ``rel`` if the file at hand is the very file that was hashed."""
+        """The digest (``"ALGORITHM:HEX"``) remembered for ``rel`` if the file at hand is the very file that was hashed."""
         entry = self.entries.get(rel)
         if entry is None or entry["identity"] != identity(st):
             return None
-        return entry["sha256"]
+        return entry["digest"]
 
-    def remember(self, rel: str, before: os.stat_result, after: os.stat_result, sha256: str, started_ns: int) -> None:
-        """Keep ``sha256`` for ``rel`` if the file did not change while, or just before, it was hashed."""
+    def remember(self, rel: str, before: os.stat_result, after: os.stat_result, digest: str, started_ns: int) -> None:
+        """Keep ``digest`` for ``rel`` if the file did not change while, or just before, it was hashed."""
         if identity(before) != identity(after):
             self.forget(rel)
             return
         if max(after.st_mtime_ns, after.st_ctime_ns) > started_ns - RACY_NS:
             self.forget(rel)  # changed too recently to tell a later same-tick write apart
             return
-        entry = {"sha256": sha256, "identity": identity(after)}
+        entry = {"digest": digest, "identity": identity(after)}
         if self.entries.get(rel) != entry:
             self.entries[rel] = entry
             self._changed = True
@@ -138,18 +160,25 @@ class CheckedHashes:
             logger.info("could not keep checked hashes in %s (%s); the next load hashes again", self.file, exc)
 
 
-def hash_in_parallel(paths: dict[str, Path]) -> dict[str, tuple[str, os.stat_result, os.stat_result, int]]:
-    """``{rel: (sha256, stat before, stat after, start ns)}`` for every path, several files at once."""
+def hash_in_parallel(files: dict[str, tuple[Path, str]]) -> dict[str, tuple[str, os.stat_result, os.stat_result, int]]:
+    """``{rel: (digest, stat before, stat after, start ns)}`` for ``{rel: (path, algorithm)}``.
 
-    def one(path: Path):
+    BLAKE3 spreads each file over every core itself; sha256 (format-2 records) is one core per
+    file, so those files are hashed several at a time.
+    """
+
+    def one(path: Path, algorithm: str):
         started = time.time_ns()
         before = os.stat(path)
-        digest = sha256_file(path)
+        digest = file_digest(path, algorithm)
         return digest, before, os.stat(path), started
 
-    if len(paths) <= 1:
-        return {rel: one(path) for rel, path in paths.items()}
-    workers = min(len(paths), os.cpu_count() or 1, 8)
+    serial = {rel: f for rel, f in files.items() if f[1] != "sha256"}
+    parallel = {rel: f for rel, f in files.items() if f[1] == "sha256"}
+    results = {rel: one(*f) for rel, f in serial.items()}
+    if len(parallel) <= 1:
+        return results | {rel: one(*f) for rel, f in parallel.items()}
+    workers = min(len(parallel), os.cpu_count() or 1, 8)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="smash-hash") as pool:
-        futures = {rel: pool.submit(one, path) for rel, path in paths.items()}
-        return {rel: future.result() for rel, future in futures.items()}
+        futures = {rel: pool.submit(one, *f) for rel, f in parallel.items()}
+        return results | {rel: future.result() for rel, future in futures.items()}

@@ -36,11 +36,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from .checked_hashes import CheckedHashes, hash_in_parallel, sha256_file
+from blake3 import blake3
+
+from .checked_hashes import CheckedHashes, bytes_digest, file_digest, hash_in_parallel, sha256_file
 from .errors import ArtifactError, SettingsError, shorten
 
 FORMAT_NAME = "smash-artifact"
-FORMAT_VERSION = 2  # 2: fused projections stored as their parts' rows; quantization_config in config.json
+# 2: fused projections stored as their parts' rows; quantization_config in config.json.
+# 3: every file also carries its BLAKE3 hash, which the runtime verifies (sha256 stays for tools).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 RECORD_FILE = "smash.json"
 # smash.json is the one file not covered by its own hash table.
 UNHASHED_FILES = frozenset({RECORD_FILE})
@@ -107,7 +112,22 @@ class _Strict(BaseModel):
 
 class FileRecord(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex sha256 of the file's bytes")
+    blake3: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+                               description="lowercase hex BLAKE3 of the file's bytes (format 3); verified when present")
     size: int = Field(ge=0, le=1 << 50, description="size in bytes")
+
+    @property
+    def digest(self) -> str:
+        """The hash the runtime checks, as ``"ALGORITHM:HEX"``: BLAKE3 when recorded, else sha256."""
+        return f"blake3:{self.blake3}" if self.blake3 else f"sha256:{self.sha256}"
+
+
+def file_entry(data: bytes | None = None, *, path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The record's entry for a file's bytes (or the file at ``path``): sha256, BLAKE3 and size."""
+    if path is not None:
+        return {"sha256": sha256_file(path), "blake3": file_digest(path, "blake3").split(":", 1)[1],
+                "size": os.stat(path).st_size}
+    return {"sha256": hashlib.sha256(data).hexdigest(), "blake3": blake3(data).hexdigest(), "size": len(data)}
 
 
 def _check_capability(text: str) -> str:
@@ -238,7 +258,7 @@ class ArtifactRecord(_Strict):
     """``smash.json``: the artifact record. ``files`` lists every file the runtime may open."""
 
     format: Literal[FORMAT_NAME]
-    format_version: Literal[FORMAT_VERSION]
+    format_version: Literal[READABLE_VERSIONS]
     name: str | None = Field(default=None, max_length=256)
     pipeline_class: ClassName
     source: SourceRecord | None = None
@@ -290,10 +310,10 @@ def record_from_data(data: object, where: str = RECORD_FILE) -> ArtifactRecord:
         raise ArtifactError(
             f"{where}: not a smash-build artifact record (expected \"format\": \"{FORMAT_NAME}\", "
             f"found {shorten(data.get('format'))})", file=RECORD_FILE, field="format")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in READABLE_VERSIONS or isinstance(data.get("format_version"), bool):
         raise ArtifactError(
             f"{where}: artifact format version {shorten(data.get('format_version'))} is not supported by this "
-            f"smash-runtime (it reads version {FORMAT_VERSION}). Install the smash-runtime release that matches "
+            f"smash-runtime (it reads versions {', '.join(map(str, READABLE_VERSIONS))}). Install the smash-runtime release that matches "
             "the builder that wrote it, or rebuild the artifact with this release.",
             file=RECORD_FILE, field="format_version")
     try:
@@ -385,14 +405,14 @@ def artifact_sha256(root: str | os.PathLike) -> str:
 
 
 def file_table(root: str | os.PathLike, exclude: frozenset[str] = UNHASHED_FILES) -> dict[str, dict[str, Any]]:
-    """``{relative/path: {"sha256", "size"}}`` for every file under ``root``, in sorted order."""
+    """``{relative/path: {"sha256", "blake3", "size"}}`` for every file under ``root``, in sorted order."""
     root = Path(root)
     table = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
         if rel in exclude:
             continue
-        table[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+        table[rel] = file_entry(path=path)
     return table
 
 
@@ -500,24 +520,31 @@ class ListedFiles:
         return self._paths[rel]
 
     def read_bytes(self, rel: str, field: str | None = None) -> bytes:
-        """The bytes of ``rel``, checked against the record's size and sha256."""
+        """The bytes of ``rel``, checked against the record's size and hash."""
         data = self.path(rel, field).read_bytes()
         expected = self.record.files[rel]
         if len(data) != expected.size:
             raise ArtifactError(f"{rel}: size {len(data)} bytes, {RECORD_FILE} records {expected.size}: "
                                 "the file is truncated or was replaced", file=rel)
         # The bytes handed on are the bytes hashed, in every mode: configs and vocabularies are small.
-        if hashlib.sha256(data).hexdigest() != expected.sha256:
-            raise ArtifactError(f"{rel}: sha256 does not match {RECORD_FILE}: the file is corrupted or was modified", file=rel)
+        if bytes_digest(data, expected.digest.split(":", 1)[0]) != expected.digest:
+            raise _mismatch(rel, expected)
         return data
 
     def read_json(self, rel: str, field: str | None = None) -> Any:
         return parse_json(self.read_bytes(rel, field), rel)
 
 
+def _mismatch(rel: str, expected: FileRecord) -> ArtifactError:
+    algorithm = expected.digest.split(":", 1)[0]
+    return ArtifactError(f"{rel}: {algorithm} does not match {RECORD_FILE}: the file is corrupted or was modified",
+                         file=rel)
+
+
 def verify_files(root: str | os.PathLike, record: ArtifactRecord, mode: VerifyMode = "full",
                  *, refuse_unlisted: bool = False, checked_hashes: Path | None | bool = True) -> ListedFiles:
-    """Check every file the record lists: a regular file inside the root, its size and its sha256.
+    """Check every file the record lists: a regular file inside the root, its size and its hash
+    (BLAKE3 when the record has it, format 3; else sha256).
 
     ``mode="full"`` hashes every file; ``"fast"`` reuses a hash this machine already checked
     for the very same file (see :mod:`smash_runtime.checked_hashes`). Files are hashed several
@@ -538,7 +565,7 @@ def verify_files(root: str | os.PathLike, record: ArtifactRecord, mode: VerifyMo
         refuse_unlisted_files(root_real, record)
     hashes = CheckedHashes.for_root(root_real, checked_hashes)
     paths: dict[str, Path] = {}
-    to_hash: dict[str, Path] = {}
+    to_hash: dict[str, tuple[Path, str]] = {}
     for rel, expected in sorted(record.files.items()):
         path = resolve_listed(root_real, rel)
         paths[rel] = path
@@ -547,15 +574,15 @@ def verify_files(root: str | os.PathLike, record: ArtifactRecord, mode: VerifyMo
             raise ArtifactError(
                 f"{rel}: size {st.st_size} bytes, {RECORD_FILE} records {expected.size}: the file is truncated or was replaced",
                 file=rel)
-        if mode == "full" or hashes.lookup(rel, st) != expected.sha256:
-            to_hash[rel] = path
+        if mode == "full" or hashes.lookup(rel, st) != expected.digest:
+            to_hash[rel] = (path, expected.digest.split(":", 1)[0])
     hashed = hash_in_parallel(to_hash)
     for rel in sorted(hashed):
         digest, before, after, started = hashed[rel]
-        if digest != record.files[rel].sha256:
+        if digest != record.files[rel].digest:
             hashes.forget(rel)
             hashes.save()
-            raise ArtifactError(f"{rel}: sha256 does not match {RECORD_FILE}: the file is corrupted or was modified", file=rel)
+            raise _mismatch(rel, record.files[rel])
         hashes.remember(rel, before, after, digest, started)
     hashes.save()
     listed = ListedFiles(root_real, record, paths, mode)
