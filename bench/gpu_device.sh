@@ -24,8 +24,9 @@ start=$(date +%s)
 
 ls "$WHEELS"/*.whl >/dev/null || { echo "no $WHEELS: run bench/prepare_device_wheels.sh and carry .device" >&2; exit 1; }
 # --target keeps the machine's own environment untouched; PYTHONPATH puts these first.
-"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" "$WHEELS"/*.whl || exit 1
+# By name from the folder: pip takes the wheel that fits this interpreter (blake3 is per CPython version).
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --find-links "$WHEELS" \
+    --target "$SITE" diffusers torchao blake3 smash-runtime smash-build || exit 1
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "wheels installed in $(( $(date +%s) - start ))s"

@@ -25,6 +25,8 @@ target=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp 
         --platform any -d "$DEST")
 "$PY" -m pip download -q "${target[@]}" diffusers==0.42.1 torchao==0.18.0 "blake3>=1.0,<2"
 # diffusers' other requirement, importlib_metadata, is only imported on Python < 3.8: not carried.
+# blake3 is built per CPython version: also carry this interpreter's, so a rehearsal here installs.
+"$PY" -m pip download -q --no-deps --only-binary=:all: -d "$DEST" "blake3>=1.0,<2"
 
 # Our two distributions, from this checkout (pure python).
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" "$ROOT/runtime" "$ROOT"
