@@ -1,7 +1,7 @@
 """A compile cache that survives restarts: inductor's and triton's on-disk caches, in a keyed folder.
 
-Compiled code is only valid for the exact torch/triton build, device, compiler settings and
-model it came from, so each such combination gets its own folder under ``root``::
+Compiled code is only valid for the exact torch/triton/diffusers/torchao build, device, compiler
+settings and model it came from, so each such combination gets its own folder under ``root``::
 
     root/
       3f9c0e1a2b4d5e6f7a8b/       sha256 of the key, shortened
@@ -154,6 +154,8 @@ class CompileCache:
             "torch": torch.__version__,
             "triton": _version("triton") or _version("pytorch-triton") or _version("triton-windows"),
             "diffusers": _version("diffusers"),
+            # Quantized weights' kernels (torchao's linear dispatch) are traced into compiled code.
+            "torchao": _version("torchao"),
             "python": "{}.{}".format(*sys.version_info[:2]),
         }
 

@@ -16,11 +16,15 @@ deserializes it (no tracing, no guard building, no FX graph lookups) and calls i
 
 The function is compiled from the *class's* ``forward`` with the block passed as ``self``, so
 one compiled variant serves every sibling block (the weights are graph inputs). The guards
-dynamo cannot serialize (object identities: module, function and class matches) are dropped;
-what they protected is checked here instead, before a variant is used: the block's class, its
-submodule types and attention processors, and the call's layout (each tensor argument's shape,
-strides, dtype, device and requires_grad; ``None`` and constants by value). The grad mode and the
-weights' tensor guards stay in the variant's own guards.
+dynamo cannot serialize (object identities: module, function and class matches) and the tensor
+guards (they pin dispatch keys that depend on inference mode) are dropped; what they protected is
+checked here instead, before a variant is used: the block's class, its submodule types and
+attention processors, its weights' layout, and the call's layout (each tensor's shape, strides,
+dtype, device and requires_grad, and a quantized weight's type, parts and metadata; ``None`` and
+constants by value). The grad mode, the weights' types and torchao's subclass metadata stay in
+the variant's own guards. Weights that are torchao tensor subclasses (int8wo, int8dq) are
+precompiled too: while a variant is made, torchao gets the one op guard serialization needs
+(see ``_meta_empty_like``).
 
 A block whose forward dynamo cannot capture whole (a graph break) or whose compiled function
 cannot be serialized falls back to a plain ``torch.compile`` of its forward, with a log line:
@@ -58,32 +62,50 @@ def _unserializable_guard_types() -> frozenset[str]:
 
 def _portable_guards(entries) -> list[bool]:
     # Identity guards cannot outlive the process; block_layout/call_layout check what they did.
-    # Tensor guards on the call's own arguments also pin their dispatch keys, which differ between
-    # a tensor made under inference mode and one made before it (a cache hook's stored residual):
-    # call_layout checks shape, strides, dtype, device and requires_grad instead. The grad mode
-    # stays guarded (GLOBAL_STATE), and so do the block's own weights (sources under ``self``).
+    # Tensor guards also pin each tensor's dispatch keys as seen under the thread's state when the
+    # guards are built: a variant loaded outside inference mode but called inside it (as requests
+    # run) would fail them on every weight, and a tensor made before inference mode (a cache hook's
+    # stored residual) differs from one made in it. So no tensor guard is kept: call_layout checks
+    # the call's tensors and block_layout the block's weights (shape, strides, dtype, device,
+    # requires_grad, tensor type and a quantized weight's parts). The grad mode stays guarded
+    # (GLOBAL_STATE), and so do the types and subclass metadata of the weights.
     dropped = _unserializable_guard_types()
     return [
-        not ({e.guard_type, *(e.derived_guard_types or ())} & dropped)
-        and not (e.guard_type == "TENSOR_MATCH" and not e.name.startswith("L['self']"))
+        not ({e.guard_type, *(e.derived_guard_types or ())} & dropped) and e.guard_type != "TENSOR_MATCH"
         for e in entries
     ]
 
 
 def block_layout(block: torch.nn.Module) -> str:
-    """What the dropped identity guards stood for: class, submodule types, attention processors."""
+    """What the dropped guards stood for: class, submodule types, attention processors, weights.
+
+        >>> block_layout(pipe.transformer.transformer_blocks[0]) == block_layout(pipe.transformer.transformer_blocks[1])
+        True
+    """
     parts = [f"{type(block).__module__}.{type(block).__qualname__}"]
     for name, module in block.named_modules():
         processor = getattr(module, "processor", None)
         kind = f"{type(processor).__module__}.{type(processor).__qualname__}" if processor is not None else ""
         parts.append(f"{name}:{type(module).__qualname__}:{kind}")
+    for name, tensor in (*block.named_parameters(), *block.named_buffers()):
+        parts.append(f"{name}={call_layout(tensor)!r}")
     return "\n".join(parts)
 
 
 def call_layout(value: Any) -> Any:
-    """The structure of a call's arguments: tensors by shape, strides, dtype, device; constants by value."""
+    """The structure of a call's arguments: tensors by shape, strides, dtype, device; constants by value.
+
+    A tensor subclass (a torchao-quantized weight) adds its type, its inner tensors and its metadata.
+    """
     if isinstance(value, torch.Tensor):
-        return ("T", tuple(value.shape), value.stride(), str(value.dtype), str(value.device), value.requires_grad)
+        layout = ("T", tuple(value.shape), value.stride(), str(value.dtype), str(value.device), value.requires_grad)
+        if type(value) in (torch.Tensor, torch.nn.Parameter):
+            return layout
+        if not hasattr(value, "__tensor_flatten__"):
+            return (*layout, type(value).__qualname__)
+        inner, meta = value.__tensor_flatten__()
+        parts = tuple((attr, call_layout(getattr(value, attr))) for attr in inner)
+        return (*layout, f"{type(value).__module__}.{type(value).__qualname__}", parts, repr(meta))
     if value is None or isinstance(value, (bool, int, float, str)):
         return repr(value)
     if isinstance(value, (tuple, list)):
@@ -168,18 +190,19 @@ class PrecompiledStore:
                            "torch.compile", cls.__qualname__, len(variants))
             return None
         options = {**_mode_options(self.cfg), "guard_filter_fn": _portable_guards}
-        try:
-            compiled = torch.compile(cls.forward, fullgraph=True, dynamic=self.cfg.dynamic, options=options)
-            with _without_wrappers(block), _trusted_cpu_isa():
-                variant = compiled.aot_compile(((block, *args), kwargs))
-        except Exception as e:  # graph breaks, unsupported guards or modes: today's lazy compile still works
-            self._broken.add(cls)
-            logger.warning("cannot precompile %s (%s: %s); it uses a plain torch.compile, which re-traces at "
-                           "every start", cls.__qualname__, type(e).__name__, str(e).splitlines()[0][:200])
-            return None
-        variants.append(variant)
-        self.stats["compiled"] += 1
-        self._save(cls, layout, call, variant)
+        with _meta_empty_like(block):
+            try:
+                compiled = torch.compile(cls.forward, fullgraph=True, dynamic=self.cfg.dynamic, options=options)
+                with _without_wrappers(block), _trusted_cpu_isa():
+                    variant = compiled.aot_compile(((block, *args), kwargs))
+            except Exception as e:  # graph breaks, unsupported guards or modes: today's lazy compile still works
+                self._broken.add(cls)
+                logger.warning("cannot precompile %s (%s: %s); it uses a plain torch.compile, which re-traces at "
+                               "every start", cls.__qualname__, type(e).__name__, str(e).splitlines()[0][:200])
+                return None
+            variants.append(variant)
+            self.stats["compiled"] += 1
+            self._save(cls, layout, call, variant)
         return variant.fn
 
     def _save(self, cls: type, layout: str, call: str, variant: Any) -> None:
@@ -211,6 +234,47 @@ def _trusted_cpu_isa():
     import torch._inductor.config as inductor_config
 
     return inductor_config.patch({"cpp.vec_isa_ok": True})
+
+
+@contextmanager
+def _meta_empty_like(block: torch.nn.Module):
+    """Let dynamo store the guards on a block's torchao-quantized weights while a variant is made.
+
+    Dynamo pickles each guarded weight as a meta-device copy (``torch.empty_like(w, device="meta")``),
+    which torchao's tensor subclasses (``Int8Tensor`` of int8wo/int8dq, ...) do not implement. For
+    as long as a variant is compiled and saved, each such subclass found in ``block`` gets one in
+    torchao's own op table: the same subclass around meta copies of its inner tensors. Loading a
+    variant does not need it (it rebuilds the weights' metadata with ``__tensor_unflatten__``), and
+    the entry is removed afterwards, so torchao behaves as shipped everywhere else.
+    """
+    empty_like = torch.ops.aten.empty_like.default
+    added: list[type] = []
+    try:
+        for cls in _torchao_subclasses(block):
+            if empty_like not in getattr(cls, "_ATEN_OP_TABLE", {}).get(cls, {}):
+                cls.implements(empty_like)(_empty_like_on_meta)
+                added.append(cls)
+        yield
+    finally:
+        for cls in added:
+            cls._ATEN_OP_TABLE[cls].pop(empty_like, None)
+
+
+def _torchao_subclasses(block: torch.nn.Module) -> set[type]:
+    subclasses = {type(t) for t in (*block.parameters(), *block.buffers())} - {torch.Tensor, torch.nn.Parameter}
+    if not subclasses:
+        return set()
+    from torchao.utils import TorchAOBaseTensor
+
+    return {cls for cls in subclasses if issubclass(cls, TorchAOBaseTensor)}
+
+
+def _empty_like_on_meta(func, types, args, kwargs):
+    # Only what guard serialization asks for; anything else fails as torchao's own dispatch would.
+    weight = args[0]
+    if torch.device(kwargs.get("device") or weight.device).type != "meta":
+        raise NotImplementedError(f"{type(weight).__name__}: empty_like is provided for device='meta' only")
+    return weight._apply_fn_to_data(lambda inner: func(inner, *args[1:], **kwargs))
 
 
 @contextmanager
