@@ -13,7 +13,8 @@ scenario's start-to-first-image to the eager one's (the warm-start target is <= 
     --model tiny-flux     the tiny FluxPipeline (smash_build.tiny_models), full text-to-image calls
     --model flux-medium   a FLUX transformer of 12 blocks at width 1024 alone, one call = --steps
                           forward passes on random latents (no text encoders: runs with diffusers only)
-    --artifact DIR        a built artifact through smash_runtime.load (the real loader)
+    --artifact DIR        a built artifact through smash_runtime.load (the real loader); its recorded
+                          cacher too with --with-cacher (the issue's fused + int8wo + FORA 2 shape)
 
     python bench/cold_start.py --runs 3 --markdown                           # CPU, tiny-flux
     python bench/cold_start.py --model flux-medium --device cuda --height 512 --width 512
@@ -97,7 +98,7 @@ def child(args) -> dict:
     if args.artifact:
         import smash_runtime
 
-        pipe = smash_runtime.load(args.artifact, device=args.device, cacher=False,
+        pipe = smash_runtime.load(args.artifact, device=args.device, cacher=args.with_cacher,
                                   compiler=config_to_dict(cfg) if cfg else False,
                                   compile_cache=args.cache_root if cfg else None)
         out["load_phases"] = pipe.smash.timings
@@ -159,6 +160,7 @@ def run_process(args, scenario: str, cache_root: Path) -> dict:
         value = getattr(args, name)
         if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
+    cmd += ["--with-cacher"] if args.with_cacher else []
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     env.setdefault("PYTHONPATH", "")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "runtime"), env["PYTHONPATH"]) if p)
@@ -214,6 +216,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("tiny-flux", "flux-medium"), default="tiny-flux")
     p.add_argument("--artifact", help="an artifact folder, loaded with smash_runtime.load")
+    p.add_argument("--with-cacher", action="store_true",
+                   help="--artifact: apply its recorded cacher (FORA, ...) in every scenario (default: none)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--height", type=int, default=64)
