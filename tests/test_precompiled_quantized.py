@@ -9,6 +9,7 @@ variants, the second loads them, traces nothing and makes the same image bit for
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -126,3 +127,25 @@ def test_block_layout_tells_apart_siblings_whose_quantized_weights_differ(quanti
     finally:
         weight.block_size = list(first.attn.to_qkv.weight.block_size)
     assert block_layout(first) == block_layout(second)
+
+
+def test_cache_made_with_another_torchao_is_ignored_with_a_log_line(tmp_path, monkeypatch, caplog):
+    # torchao's kernels are traced into the stored code: another torchao must not load it.
+    from importlib.metadata import version
+
+    from smash_runtime.compilers import CompileCache, TorchCompileConfig, config_to_dict
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
+    compiler = config_to_dict(TorchCompileConfig(scope="blocks"))
+    cache = CompileCache(tmp_path / "root", artifact_hash="0" * 64)
+    key = cache.key(compiler, "cpu")
+    assert key["torchao"] == version("torchao")
+    stale = {**key, "torchao": "0.17.0"}
+    folder = cache.folder_for(stale)
+    (folder / "precompiled").mkdir(parents=True)
+    (folder / "key.json").write_text(json.dumps(stale))
+    with caplog.at_level(logging.INFO, logger="smash_runtime.compilers.compile_cache"):
+        assert cache.activate(compiler, "cpu") == "cold"
+    assert cache.folder == cache.folder_for(key) != folder
+    assert any("torchao='0.17.0'" in r.message for r in caplog.records), caplog.text
+    cache.deactivate()
