@@ -26,7 +26,6 @@ the artifact is opened; every file the runtime reads afterwards is one it lists 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,8 +34,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
-
-from blake3 import blake3
 
 from .checked_hashes import CheckedHashes, bytes_digest, file_digest, hash_in_parallel, sha256_file
 from .errors import ArtifactError, SettingsError, shorten
@@ -121,13 +118,20 @@ class FileRecord(_Strict):
         """The hash the runtime checks, as ``"ALGORITHM:HEX"``: BLAKE3 when recorded, else sha256."""
         return f"blake3:{self.blake3}" if self.blake3 else f"sha256:{self.sha256}"
 
+    @property
+    def algorithm(self) -> str:
+        return "blake3" if self.blake3 else "sha256"
+
 
 def file_entry(data: bytes | None = None, *, path: str | os.PathLike | None = None) -> dict[str, Any]:
     """The record's entry for a file's bytes (or the file at ``path``): sha256, BLAKE3 and size."""
     if path is not None:
-        return {"sha256": sha256_file(path), "blake3": file_digest(path, "blake3").split(":", 1)[1],
-                "size": os.stat(path).st_size}
-    return {"sha256": hashlib.sha256(data).hexdigest(), "blake3": blake3(data).hexdigest(), "size": len(data)}
+        digests = {algorithm: file_digest(path, algorithm) for algorithm in ("sha256", "blake3")}
+        size = os.stat(path).st_size
+    else:
+        digests = {algorithm: bytes_digest(data, algorithm) for algorithm in ("sha256", "blake3")}
+        size = len(data)
+    return {**{algorithm: digest.split(":", 1)[1] for algorithm, digest in digests.items()}, "size": size}
 
 
 def _check_capability(text: str) -> str:
@@ -313,8 +317,8 @@ def record_from_data(data: object, where: str = RECORD_FILE) -> ArtifactRecord:
     if data.get("format_version") not in READABLE_VERSIONS or isinstance(data.get("format_version"), bool):
         raise ArtifactError(
             f"{where}: artifact format version {shorten(data.get('format_version'))} is not supported by this "
-            f"smash-runtime (it reads versions {', '.join(map(str, READABLE_VERSIONS))}). Install the smash-runtime release that matches "
-            "the builder that wrote it, or rebuild the artifact with this release.",
+            f"smash-runtime (it reads versions {', '.join(map(str, READABLE_VERSIONS))}). Install the smash-runtime "
+            "release that matches the builder that wrote it, or rebuild the artifact with this release.",
             file=RECORD_FILE, field="format_version")
     try:
         return ArtifactRecord.model_validate(data)
@@ -527,7 +531,7 @@ class ListedFiles:
             raise ArtifactError(f"{rel}: size {len(data)} bytes, {RECORD_FILE} records {expected.size}: "
                                 "the file is truncated or was replaced", file=rel)
         # The bytes handed on are the bytes hashed, in every mode: configs and vocabularies are small.
-        if bytes_digest(data, expected.digest.split(":", 1)[0]) != expected.digest:
+        if bytes_digest(data, expected.algorithm) != expected.digest:
             raise _mismatch(rel, expected)
         return data
 
@@ -536,9 +540,8 @@ class ListedFiles:
 
 
 def _mismatch(rel: str, expected: FileRecord) -> ArtifactError:
-    algorithm = expected.digest.split(":", 1)[0]
-    return ArtifactError(f"{rel}: {algorithm} does not match {RECORD_FILE}: the file is corrupted or was modified",
-                         file=rel)
+    return ArtifactError(f"{rel}: {expected.algorithm} does not match {RECORD_FILE}: the file is corrupted or was "
+                         "modified", file=rel)
 
 
 def verify_files(root: str | os.PathLike, record: ArtifactRecord, mode: VerifyMode = "full",
@@ -575,7 +578,7 @@ def verify_files(root: str | os.PathLike, record: ArtifactRecord, mode: VerifyMo
                 f"{rel}: size {st.st_size} bytes, {RECORD_FILE} records {expected.size}: the file is truncated or was replaced",
                 file=rel)
         if mode == "full" or hashes.lookup(rel, st) != expected.digest:
-            to_hash[rel] = (path, expected.digest.split(":", 1)[0])
+            to_hash[rel] = (path, expected.algorithm)
     hashed = hash_in_parallel(to_hash)
     for rel in sorted(hashed):
         digest, before, after, started = hashed[rel]
