@@ -153,3 +153,19 @@ def test_a_format_2_record_is_checked_with_its_sha256(art):
     for mode in MODES:
         with pytest.raises(ArtifactError, match=f"{WEIGHTS}: sha256 does not match"):
             _load(art, mode)
+
+
+@pytest.mark.parametrize("size", [0, 1, (16 << 20) + 7])
+def test_file_hashes_equal_the_hashes_of_its_bytes(tmp_path, size):
+    """Chunked BLAKE3 reads (16 MiB) give the one-shot digest, across a chunk boundary and for an empty file."""
+    import hashlib
+
+    from blake3 import blake3
+
+    from smash_runtime.format import file_entry
+
+    data = os.urandom(size)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    expected = {"sha256": hashlib.sha256(data).hexdigest(), "blake3": blake3(data).hexdigest(), "size": size}
+    assert file_entry(path=path) == file_entry(data) == expected

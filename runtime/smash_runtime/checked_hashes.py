@@ -37,6 +37,7 @@ RACY_NS = 2_000_000_000  # FAT keeps mtime in 2 s steps; every other local file 
 _FORMAT = 2  # 2: digests are "ALGORITHM:HEX"
 _MAX_BYTES = 4 * 1024 * 1024
 _CHUNK = 8 * 1024 * 1024
+_BLAKE3_CHUNK = 16 * 1024 * 1024  # large enough for BLAKE3 to spread one chunk over every core
 
 
 def default_root() -> Path | None:
@@ -62,11 +63,17 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def file_digest(path: str | os.PathLike, algorithm: str) -> str:
-    """``"ALGORITHM:HEX"`` of a file: ``"blake3"`` (mapped, hashed on every core) or ``"sha256"``."""
+    """``"ALGORITHM:HEX"`` of a file: ``"blake3"`` (each chunk hashed on every core) or ``"sha256"``."""
     if algorithm == "blake3":
-        if os.stat(path).st_size == 0:  # an empty file cannot be mapped
-            return f"blake3:{blake3().hexdigest()}"
-        return f"blake3:{blake3(max_threads=blake3.AUTO).update_mmap(path).hexdigest()}"
+        # Read, not mapped: as fast here (0.84 s vs 0.92 s for 4.1 GB), and a file truncated
+        # while it is hashed is an error, not a SIGBUS.
+        digest = blake3(max_threads=blake3.AUTO)
+        buffer = bytearray(_BLAKE3_CHUNK)
+        view = memoryview(buffer)
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                digest.update(view[:n])
+        return f"blake3:{digest.hexdigest()}"
     if algorithm == "sha256":
         return f"sha256:{sha256_file(path)}"
     raise ValueError(f"unknown hash algorithm {algorithm!r}")
