@@ -169,3 +169,14 @@ def test_file_hashes_equal_the_hashes_of_its_bytes(tmp_path, size):
     path.write_bytes(data)
     expected = {"sha256": hashlib.sha256(data).hexdigest(), "blake3": blake3(data).hexdigest(), "size": size}
     assert file_entry(path=path) == file_entry(data) == expected
+
+
+def test_a_record_others_can_write_is_not_trusted(art, tmp_path, caplog):
+    files = len(read_record(art).files)
+    _load(art, "fast")
+    [record] = (tmp_path / "hashes").glob("*.json")
+    assert record.stat().st_mode & 0o077 == 0  # written private
+    record.chmod(0o666)
+    with caplog.at_level("WARNING", logger="smash_runtime"):
+        assert _load(art, "fast").smash.verification["hashed_files"] == files
+    assert "others can write it" in caplog.text

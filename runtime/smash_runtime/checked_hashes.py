@@ -11,7 +11,8 @@ timestamp tick would leave its identity unchanged (git calls such entries "racil
 One small JSON file per artifact folder, under ``$SMASH_HASH_CACHE``, else
 ``$XDG_CACHE_HOME/smash/hashes`` (``~/.cache/smash/hashes``); set ``SMASH_HASH_CACHE=""`` to
 keep nothing. It lives with the user's other caches and is trusted like them; it never lives
-inside an artifact. A damaged or unreadable one is ignored (every file is hashed again).
+inside an artifact. A damaged or unreadable one, or one that another user owns or others can
+write, is ignored (every file is hashed again).
 
     >>> hashes = CheckedHashes.for_root(Path("dist/tiny-flux").resolve())
     >>> hashes.lookup("vae/config.json", os.stat("dist/tiny-flux/vae/config.json"))  # None: not checked yet
@@ -111,6 +112,12 @@ class CheckedHashes:
     def _read(self, file: Path) -> dict[str, dict]:
         try:
             with open(file, "rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_uid != os.getuid() or st.st_mode & 0o022:
+                    # Anyone else able to write it could vouch for a changed file.
+                    logger.warning("ignoring the checked-hash record %s: it is not owned by this user or others "
+                                   "can write it; files are hashed again", file)
+                    return {}
                 raw = f.read(_MAX_BYTES + 1)
             if len(raw) > _MAX_BYTES:
                 raise ValueError("too large")
