@@ -48,10 +48,12 @@ from typing import Any
 import torch
 
 from ..settings import TorchCompileConfig
+from . import aoti
 
 logger = logging.getLogger(__name__)
 
 VARIANT_SUFFIX = ".bin"
+PACKAGE_SUFFIX = aoti.PACKAGE_SUFFIX
 
 
 def _unserializable_guard_types() -> frozenset[str]:
@@ -86,10 +88,26 @@ def block_layout(block: torch.nn.Module) -> str:
     for name, module in block.named_modules():
         processor = getattr(module, "processor", None)
         kind = f"{type(processor).__module__}.{type(processor).__qualname__}" if processor is not None else ""
-        parts.append(f"{name}:{type(module).__qualname__}:{kind}")
+        # Plain attributes (heads, eps, flags, training) are constants of the compiled code.
+        parts.append(f"{name}:{type(module).__qualname__}:{kind}:{_constants(module)}:{_constants(processor)}")
     for name, tensor in (*block.named_parameters(), *block.named_buffers()):
         parts.append(f"{name}={call_layout(tensor)!r}")
     return "\n".join(parts)
+
+
+_CONSTANT_TYPES = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def _constants(obj: Any) -> str:
+    # Attributes of constant types (and tuples of them), as dynamo's constant guards would see them.
+    if obj is None:
+        return ""
+    values = {
+        key: value for key, value in vars(obj).items()
+        if key not in _WRAPPER_ATTRS and (isinstance(value, _CONSTANT_TYPES) or (
+            isinstance(value, tuple) and all(isinstance(v, _CONSTANT_TYPES) for v in value)))
+    }
+    return repr(sorted(values.items()))
 
 
 def call_layout(value: Any) -> Any:
@@ -139,6 +157,7 @@ class PrecompiledStore:
     _variants: dict[tuple[type, str, str], list[Any]] = field(default_factory=dict, repr=False)
     _loaded: set[tuple[type, str]] = field(default_factory=set, repr=False)
     _broken: set[type] = field(default_factory=set, repr=False)
+    _unpackaged: set[type] = field(default_factory=set, repr=False)  # AOTInductor failed: dynamo variants
 
     def wrap(self, block: torch.nn.Module) -> PrecompiledForward:
         """Replace ``block.forward`` with a :class:`PrecompiledForward`; loads stored variants now."""
@@ -158,12 +177,12 @@ class PrecompiledStore:
         folder = self._dir(cls, layout)
         if folder is None or not folder.is_dir():
             return
-        paths = sorted(folder.glob("*" + VARIANT_SUFFIX))
+        paths = sorted(p for p in folder.iterdir() if p.suffix in (VARIANT_SUFFIX, PACKAGE_SUFFIX))
         for path in paths:
             call = path.name.split("-", 1)[0]
             try:
-                with path.open("rb") as f, _trusted_cpu_isa():
-                    variant = torch.compiler.load_compiled_function(f, f_globals=cls.forward.__globals__)
+                with _trusted_cpu_isa():
+                    variant = _load_package(path) if path.suffix == PACKAGE_SUFFIX else _load_variant(path, cls)
             except Exception as e:  # another torch's format, a damaged file: compile again instead
                 self.stats["ignored"] += 1
                 logger.warning("ignoring precompiled %s: %s: %s", path, type(e).__name__, str(e)[:200])
@@ -189,6 +208,12 @@ class PrecompiledStore:
             logger.warning("%s: %d precompiled variants already (recompile_limit); this shape runs a plain "
                            "torch.compile", cls.__qualname__, len(variants))
             return None
+        package = self._package(block, layout, call, args, kwargs)
+        if package is not None:
+            variants.append(package)
+            self.stats["compiled"] += 1
+            self.stats["saved"] += 1
+            return package.fn
         options = {**_mode_options(self.cfg), "guard_filter_fn": _portable_guards}
         with _meta_empty_like(block):
             try:
@@ -204,6 +229,30 @@ class PrecompiledStore:
             self.stats["compiled"] += 1
             self._save(cls, layout, call, variant)
         return variant.fn
+
+    def _package(self, block: torch.nn.Module, layout: str, call: str, args: tuple, kwargs: dict) -> PackageVariant | None:
+        """An AOTInductor package for this call, stored and loaded back; None: use a dynamo variant."""
+        cls, folder = type(block), self._dir(type(block), layout)
+        options = _mode_options(self.cfg)
+        # Only stored packages: the cold process runs the very file a warm one will load.
+        if folder is None or cls in self._unpackaged or self.cfg.dynamic or aoti.unsupported_reason(options):
+            return None
+        state = _short_sha(aoti.global_state(), 8)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{call}-{state}.{os.getpid()}{PACKAGE_SUFFIX}"
+        try:
+            with _trusted_cpu_isa():
+                aoti.export_package(block, args, kwargs, tmp, options)
+                path = folder / f"{call}-{state}-{_short_sha(tmp.read_bytes(), 12)}{PACKAGE_SUFFIX}"
+                os.replace(tmp, path)  # replicas filling one volume never see half a file
+                return _load_package(path)
+        except Exception as e:  # export or AOTInductor cannot take this block: dynamo's aot_compile can
+            self._unpackaged.add(cls)
+            tmp.unlink(missing_ok=True)
+            logger.warning("cannot make an AOTInductor package of %s (%s: %s); it is precompiled with dynamo "
+                           "instead (its warm start imports more of inductor)", cls.__qualname__,
+                           type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            return None
 
     def _save(self, cls: type, layout: str, call: str, variant: Any) -> None:
         folder = self._dir(cls, layout)
@@ -221,6 +270,35 @@ class PrecompiledStore:
                            cls.__qualname__, folder, type(e).__name__, str(e)[:200])
             return
         self.stats["saved"] += 1
+
+
+@dataclass
+class PackageVariant:
+    """A loaded AOTInductor package, with the interface of a dynamo variant (``guard_check``, ``fn``).
+
+    The package has no guards of its own; the thread state it was made under is part of its file
+    name (block and call layout are the folder and the name's first part, checked by the caller).
+    """
+
+    fn: Callable[..., Any]
+    state: str
+
+    def guard_check(self, block: torch.nn.Module, *args, **kwargs) -> bool:
+        return _short_sha(aoti.global_state(), 8) == self.state
+
+
+def _load_package(path: Path) -> PackageVariant:
+    # Name: <call layout>-<thread state>-<sha256 of the file, 12 hex>.pt2. A damaged or swapped file
+    # is refused here, before its library is opened.
+    _call, state, sha = path.stem.split("-")
+    if _short_sha(path.read_bytes(), 12) != sha:
+        raise ValueError(f"sha256 of {path.name} does not start with {sha}: the file was changed or damaged")
+    return PackageVariant(aoti.load_package(path), state)
+
+
+def _load_variant(path: Path, cls: type) -> Any:
+    with path.open("rb") as f:
+        return torch.compiler.load_compiled_function(f, f_globals=cls.forward.__globals__)
 
 
 _WRAPPER_ATTRS = ("forward", "_diffusers_hook")
