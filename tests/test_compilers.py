@@ -91,13 +91,14 @@ def test_blocks_scope_matches_eager_and_compiles_each_block_class_once(compiled)
     # The blocks' own forward is the precompiled dispatcher (hooks added later wrap it from outside).
     assert all(isinstance(b.__dict__["forward"], PrecompiledForward) for b in blocks)
     assert "forward" not in pipe.transformer.__dict__
-    # One graph per block class (+1: FLUX's first single block sees differently strided input),
-    # not one per block: the 4 blocks share compiled code.
-    assert compiled.graphs <= 3
-    before = unique_graphs()
+    # One variant per block class (+1: FLUX's first single block sees differently strided input),
+    # not one per block: the 4 blocks share compiled code. AOTInductor packages: dynamo traced nothing.
+    assert 2 <= compiled.report["precompiled_compiled"] <= 3 and compiled.graphs == 0
     for seed, expected in compiled.eager.items():
         torch.testing.assert_close(generate(pipe, seed), expected, atol=ATOL, rtol=0)
-    assert unique_graphs() == before, "same shape after warm-up must not recompile"
+    after = compiled.cache.report()
+    assert after["precompiled_compiled"] == compiled.report["precompiled_compiled"], "same shape must not recompile"
+    assert unique_graphs() == 0 and after["precompiled_fallback"] == 0
 
 
 @pytest.mark.slow
@@ -181,8 +182,10 @@ SECOND_PROCESS = textwrap.dedent(
 def test_second_process_runs_the_precompiled_blocks_without_compiling(compiled, tmp_path):
     assert compiled.state == "cold"
     assert not compiled.report["hit"] and compiled.report["precompiled_loaded"] == 0
-    # One variant per block class and input layout: the first single block's input is strided differently.
-    assert compiled.report["precompiled_compiled"] == compiled.report["precompiled_saved"] == compiled.graphs
+    # One variant per block class and input layout (the first single block's input is strided
+    # differently), each an AOTInductor package in the keyed folder.
+    packages = list(compiled.root.rglob("precompiled/*/*/*.pt2"))
+    assert compiled.report["precompiled_compiled"] == compiled.report["precompiled_saved"] == len(packages) > 0
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     proc = subprocess.run(
         [sys.executable, "-c", SECOND_PROCESS, str(compiled.root), ARTIFACT, json.dumps(config_to_dict(WARMUP)),
@@ -193,7 +196,7 @@ def test_second_process_runs_the_precompiled_blocks_without_compiling(compiled, 
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["state"] == "warm"
     assert report["folder"] == compiled.report["folder"]
-    assert report["hit"] and report["precompiled_loaded"] == compiled.graphs
+    assert report["hit"] and report["precompiled_loaded"] == len(packages)
     # Nothing compiled, traced or even looked up: the stored code ran as it was.
     assert report["precompiled_compiled"] == report["precompiled_fallback"] == 0
     assert report["stats"].get("unique_graphs", 0) == 0 and report["stats"].get("calls_captured", 0) == 0
@@ -203,7 +206,7 @@ def test_second_process_runs_the_precompiled_blocks_without_compiling(compiled, 
 
 
 def test_damaged_precompiled_variant_is_ignored_with_a_log_line(compiled, tmp_path, caplog):
-    (variant,) = list(compiled.root.rglob("precompiled/FluxTransformerBlock/*/*.bin"))
+    (variant,) = list(compiled.root.rglob("precompiled/FluxTransformerBlock/*/*.pt2"))
     store = PrecompiledStore(tmp_path / "precompiled", BLOCKS)
     copy = store.folder / variant.relative_to(variant.parents[2])
     copy.parent.mkdir(parents=True)
@@ -213,6 +216,46 @@ def test_damaged_precompiled_variant_is_ignored_with_a_log_line(compiled, tmp_pa
         store.wrap(pipe.transformer.transformer_blocks[0])
     assert store.stats["ignored"] == 1 and store.stats["loaded"] == 0
     assert any("ignoring precompiled" in r.message and copy.name in r.message for r in caplog.records), caplog.text
+
+
+def test_changed_package_is_refused_before_its_library_is_opened(compiled, tmp_path, caplog):
+    # Same size, one byte flipped inside the package: only its sha256 (in its name) tells.
+    (package,) = list(compiled.root.rglob("precompiled/FluxTransformerBlock/*/*.pt2"))
+    store = PrecompiledStore(tmp_path / "precompiled", BLOCKS)
+    copy = store.folder / package.relative_to(package.parents[2])
+    copy.parent.mkdir(parents=True)
+    data = bytearray(package.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    copy.write_bytes(bytes(data))
+    with caplog.at_level(logging.INFO, logger="smash_runtime.compilers.precompiled"):
+        store.wrap(build_tiny("tiny-flux").transformer.transformer_blocks[0])
+    assert store.stats["ignored"] == 1 and store.stats["loaded"] == 0
+    assert any("ignoring precompiled" in r.message and "was changed or damaged" in r.message
+               for r in caplog.records), caplog.text
+
+
+def test_cuda_graph_mode_keeps_dynamo_variants_and_a_new_process_loads_them(tmp_path, monkeypatch):
+    # AOTInductor packages cannot hold CUDA graphs: mode="reduce-overhead" keeps dynamo's
+    # aot_compile variants (.bin), which a later store loads and runs without tracing.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    config = tiny_flux_transformer_config(num_layers=1, num_single_layers=1)
+    cfg = TorchCompileConfig(scope="blocks", mode="reduce-overhead")
+    pipes = [build_tiny("tiny-flux", transformer_config=config) for _ in range(2)]
+    for pipe in pipes:
+        pipe.set_progress_bar_config(disable=True)
+    expected = generate(pipes[0], steps=2)
+    stores = [PrecompiledStore(tmp_path / "precompiled", cfg) for _ in pipes]
+    images = []
+    for pipe, store in zip(pipes, stores):
+        for block in repeated_blocks(pipe.transformer):
+            store.wrap(block)
+        images.append(generate(pipe, steps=2))
+    assert stores[0].stats["compiled"] == stores[0].stats["saved"] > 0 and stores[0].stats["fallback"] == 0
+    assert list((tmp_path / "precompiled").rglob("*.pt2")) == []
+    assert len(list((tmp_path / "precompiled").rglob("*.bin"))) == stores[0].stats["saved"]
+    assert stores[1].stats["loaded"] == stores[0].stats["saved"] and stores[1].stats["compiled"] == 0
+    torch.testing.assert_close(images[0], expected, atol=ATOL, rtol=0)
+    assert torch.equal(images[1], images[0])
 
 
 def test_blocks_with_hooks_inside_are_not_precompiled():

@@ -234,8 +234,10 @@ class PrecompiledStore:
         """An AOTInductor package for this call, stored and loaded back; None: use a dynamo variant."""
         cls, folder = type(block), self._dir(type(block), layout)
         options = _mode_options(self.cfg)
-        # Only stored packages: the cold process runs the very file a warm one will load.
-        if folder is None or cls in self._unpackaged or self.cfg.dynamic or aoti.unsupported_reason(options):
+        # Only stored packages (the cold process runs the very file a warm one will load), and only
+        # for inference: a package computes no gradients.
+        if (folder is None or cls in self._unpackaged or self.cfg.dynamic or torch.is_grad_enabled()
+                or aoti.unsupported_reason(options)):
             return None
         state = _short_sha(aoti.global_state(), 8)
         folder.mkdir(parents=True, exist_ok=True)
