@@ -11,15 +11,26 @@ deserializes it (no tracing, no guard building, no FX graph lookups) and calls i
     <cache entry>/precompiled/
       FluxTransformerBlock/
         5d1c.../                  sha256 of the block's module structure, shortened
-          a4b2...-9f0e41d2a7c3.bin    one compiled variant (guards + code), named by its call layout
-                                      and its own sha; another shape: another file
+          a4b2...-6ae4...-9f0e41d2a7c3.pt2   one AOTInductor package: call layout, thread state, own sha
+          a4b2...-9f0e41d2a7c3.bin           or one dynamo variant (guards + code): call layout, own sha
+
+For inference calls (grad off) with a stored cache, a variant is an AOTInductor package
+(``aoti.py``): the class's forward exported with the block's weights as inputs and compiled into
+one shared library. Loading it opens that library, nothing more; a dynamo variant's Python wrapper
+imports inductor's codegen modules and locates its kernels one by one, ~1 s more on the 2-core CPU
+for tiny-flux (docs/benchmarks.md). The cold process loads the package it wrote back from disk
+and runs it, so a warm process runs the same code; the package's sha256 (in its name) is checked
+before its library is opened. A package has no guards: the call layout and block layout below
+stand for them, and the thread state it bakes in (grad mode, autocast, torch function/dispatch
+modes) is in its name. Calls with grad on, ``dynamic=True``, CUDA-graph modes, an in-memory store,
+or a block that cannot be exported get a dynamo variant, the format described next.
 
 The function is compiled from the *class's* ``forward`` with the block passed as ``self``, so
 one compiled variant serves every sibling block (the weights are graph inputs). The guards
 dynamo cannot serialize (object identities: module, function and class matches) and the tensor
 guards (they pin dispatch keys that depend on inference mode) are dropped; what they protected is
 checked here instead, before a variant is used: the block's class, its submodule types and
-attention processors, its weights' layout, and the call's layout (each tensor's shape, strides,
+attention processors, their plain attributes (heads, eps, flags), its weights' layout, and the call's layout (each tensor's shape, strides,
 dtype, device and requires_grad, and a quantized weight's type, parts and metadata; ``None`` and
 constants by value). The grad mode, the weights' types and torchao's subclass metadata stay in
 the variant's own guards. Weights that are torchao tensor subclasses (int8wo, int8dq) are
@@ -177,7 +188,9 @@ class PrecompiledStore:
         folder = self._dir(cls, layout)
         if folder is None or not folder.is_dir():
             return
-        paths = sorted(p for p in folder.iterdir() if p.suffix in (VARIANT_SUFFIX, PACKAGE_SUFFIX))
+        # Dot-files are another process's package still being written.
+        paths = sorted(p for p in folder.iterdir()
+                       if p.suffix in (VARIANT_SUFFIX, PACKAGE_SUFFIX) and not p.name.startswith("."))
         for path in paths:
             call = path.name.split("-", 1)[0]
             try:
@@ -241,7 +254,7 @@ class PrecompiledStore:
             return None
         state = _short_sha(aoti.global_state(), 8)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{call}-{state}.{os.getpid()}{PACKAGE_SUFFIX}"
+        tmp = path = folder / f".{call}-{state}.{os.getpid()}{PACKAGE_SUFFIX}"
         try:
             with _trusted_cpu_isa():
                 aoti.export_package(block, args, kwargs, tmp, options)
@@ -251,6 +264,7 @@ class PrecompiledStore:
         except Exception as e:  # export or AOTInductor cannot take this block: dynamo's aot_compile can
             self._unpackaged.add(cls)
             tmp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)  # a package this process cannot load: no later one should try
             logger.warning("cannot make an AOTInductor package of %s (%s: %s); it is precompiled with dynamo "
                            "instead (its warm start imports more of inductor)", cls.__qualname__,
                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
