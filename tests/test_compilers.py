@@ -32,7 +32,13 @@ from smash_runtime.compilers import (
     warm_up,
     warmup_config_from_dict,
 )
-from smash_runtime.compilers.precompiled import PrecompiledForward, PrecompiledStore, hooked_submodules
+from smash_runtime.compilers.aoti import global_state
+from smash_runtime.compilers.precompiled import (
+    PrecompiledForward,
+    PrecompiledStore,
+    block_layout,
+    hooked_submodules,
+)
 from smash_runtime.errors import SettingsError, UnsupportedOnDevice
 from smash_runtime.timing import PhaseTimer
 
@@ -256,6 +262,20 @@ def test_cuda_graph_mode_keeps_dynamo_variants_and_a_new_process_loads_them(tmp_
     assert stores[1].stats["loaded"] == stores[0].stats["saved"] and stores[1].stats["compiled"] == 0
     torch.testing.assert_close(images[0], expected, atol=ATOL, rtol=0)
     assert torch.equal(images[1], images[0])
+
+
+def test_package_layout_and_state_cover_what_a_package_bakes_in():
+    # A package has no guards: a plain attribute (heads) and the thread state (grad, autocast)
+    # it was made under must reach the block layout and the package's name.
+    first, second = build_tiny("tiny-flux").transformer.transformer_blocks
+    assert block_layout(first) == block_layout(second)
+    second.attn.heads = 4  # same weight shapes, other code
+    assert block_layout(first) != block_layout(second)
+    with torch.inference_mode():
+        inference = global_state()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = global_state()
+    assert len({inference, autocast, global_state()}) == 3
 
 
 def test_blocks_with_hooks_inside_are_not_precompiled():
