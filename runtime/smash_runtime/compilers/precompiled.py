@@ -30,8 +30,8 @@ one compiled variant serves every sibling block (the weights are graph inputs). 
 dynamo cannot serialize (object identities: module, function and class matches) and the tensor
 guards (they pin dispatch keys that depend on inference mode) are dropped; what they protected is
 checked here instead, before a variant is used: the block's class, its submodule types and
-attention processors, their plain attributes (heads, eps, flags), its weights' layout, and the call's layout (each tensor's shape, strides,
-dtype, device and requires_grad, and a quantized weight's type, parts and metadata; ``None`` and
+attention processors, their plain attributes (heads, eps, flags), its weights' layout, and the
+call's layout (each tensor's shape, strides, dtype, device and requires_grad, and a quantized weight's type, parts and metadata; ``None`` and
 constants by value). The grad mode, the weights' types and torchao's subclass metadata stay in
 the variant's own guards. Weights that are torchao tensor subclasses (int8wo, int8dq) are
 precompiled too: while a variant is made, torchao gets the one op guard serialization needs
@@ -243,7 +243,9 @@ class PrecompiledStore:
             self._save(cls, layout, call, variant)
         return variant.fn
 
-    def _package(self, block: torch.nn.Module, layout: str, call: str, args: tuple, kwargs: dict) -> PackageVariant | None:
+    def _package(
+        self, block: torch.nn.Module, layout: str, call: str, args: tuple, kwargs: dict
+    ) -> PackageVariant | None:
         """An AOTInductor package for this call, stored and loaded back; None: use a dynamo variant."""
         cls, folder = type(block), self._dir(type(block), layout)
         options = _mode_options(self.cfg)
