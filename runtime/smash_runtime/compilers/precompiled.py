@@ -34,8 +34,8 @@ attention processors, their plain attributes (heads, eps, flags), its weights' l
 call's layout (each tensor's shape, strides, dtype, device and requires_grad, and a quantized
 weight's type, parts and metadata; ``None`` and constants by value). The grad mode, the
 weights' types and torchao's subclass metadata stay in the variant's own guards. Weights that are
-torchao tensor subclasses (int8wo, int8dq) are precompiled too: while a variant is made, torchao gets the one op guard serialization needs
-(see ``_meta_empty_like``).
+torchao tensor subclasses (int8wo, int8dq) are precompiled too: while a variant is made, torchao
+gets the one op guard serialization needs (see ``_meta_empty_like``).
 
 A block whose forward dynamo cannot capture whole (a graph break) or whose compiled function
 cannot be serialized falls back to a plain ``torch.compile`` of its forward, with a log line:
