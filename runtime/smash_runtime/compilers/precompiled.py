@@ -59,12 +59,11 @@ from typing import Any
 import torch
 
 from ..settings import TorchCompileConfig
-from . import aoti
+from .aoti import PACKAGE_SUFFIX, export_package, global_state, load_package, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
 VARIANT_SUFFIX = ".bin"
-PACKAGE_SUFFIX = aoti.PACKAGE_SUFFIX
 
 
 def _unserializable_guard_types() -> frozenset[str]:
@@ -252,14 +251,14 @@ class PrecompiledStore:
         # Only stored packages (the cold process runs the very file a warm one will load), and only
         # for inference: a package computes no gradients.
         if (folder is None or cls in self._unpackaged or self.cfg.dynamic or torch.is_grad_enabled()
-                or aoti.unsupported_reason(options)):
+                or unsupported_reason(options)):
             return None
-        state = _short_sha(aoti.global_state(), 8)
+        state = _short_sha(global_state(), 8)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path = folder / f".{call}-{state}.{os.getpid()}{PACKAGE_SUFFIX}"
         try:
             with _trusted_cpu_isa():
-                aoti.export_package(block, args, kwargs, tmp, options)
+                export_package(block, args, kwargs, tmp, options)
                 path = folder / f"{call}-{state}-{_short_sha(tmp.read_bytes(), 12)}{PACKAGE_SUFFIX}"
                 os.replace(tmp, path)  # replicas filling one volume never see half a file
                 return _load_package(path)
@@ -302,7 +301,7 @@ class PackageVariant:
     state: str
 
     def guard_check(self, block: torch.nn.Module, *args, **kwargs) -> bool:
-        return _short_sha(aoti.global_state(), 8) == self.state
+        return _short_sha(global_state(), 8) == self.state
 
 
 def _load_package(path: Path) -> PackageVariant:
@@ -311,7 +310,7 @@ def _load_package(path: Path) -> PackageVariant:
     _call, state, sha = path.stem.split("-")
     if _short_sha(path.read_bytes(), 12) != sha:
         raise ValueError(f"sha256 of {path.name} does not start with {sha}: the file was changed or damaged")
-    return PackageVariant(aoti.load_package(path), state)
+    return PackageVariant(load_package(path), state)
 
 
 def _load_variant(path: Path, cls: type) -> Any:
