@@ -163,6 +163,7 @@ class CheckedHashes:
         if self.file is None or not self._changed:
             return
         data = {"format": _FORMAT, "root": self.root, "files": dict(sorted(self.entries.items()))}
+        tmp = None
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.file.parent, prefix=".tmp-", suffix=".json")
@@ -171,6 +172,8 @@ class CheckedHashes:
             os.replace(tmp, self.file)
             self._changed = False
         except OSError as exc:
+            if tmp is not None:  # a full disk must not leave half-written records behind
+                Path(tmp).unlink(missing_ok=True)
             logger.info("could not keep checked hashes in %s (%s); the next load hashes again", self.file, exc)
 
 
