@@ -313,6 +313,8 @@ CASES: list[Case] = [
     Case("components-as-string", _set("components", "vae"), r"field components"),
     Case("runtime-as-string", _set("runtime", "fast please"), r"field runtime"),
     Case("files-sha-not-hex", _file_field(VAE_WEIGHTS, "sha256", "z" * 64), r"files\['vae/diffusion_pytorch_model.safetensors'\]\.sha256"),
+    Case("files-blake3-not-hex", _file_field(VAE_WEIGHTS, "blake3", "Z" * 64), r"files\['vae/diffusion_pytorch_model.safetensors'\]\.blake3"),
+    Case("files-blake3-of-other-bytes", _file_field(VAE_WEIGHTS, "blake3", "0" * 64), r"vae/diffusion_pytorch_model.safetensors: blake3 does not match"),
     Case("files-size-negative", _file_field(VAE_WEIGHTS, "size", -1), r"size"),
     Case("files-size-string", _file_field(VAE_WEIGHTS, "size", "big"), r"size"),
     Case("unknown-top-level-field", _set("loader_hook", "os.system"), r"loader_hook.*Extra inputs"),
